@@ -1,0 +1,1 @@
+"""Where every weight file comes from and where it lives on disk."""

@@ -1,0 +1,20 @@
+"""The project's one error type for bad user input.
+
+It lives in the lowest layer (weights <- flux <- lora <- adapters) so every layer can raise it.
+The Cog server turns it into a failed prediction with this message; the server keeps serving.
+"""
+
+
+class UserInputError(ValueError):
+    """Bad input from a user. The message names the field, the value and what is allowed."""
+
+    def __init__(self, field: str, value: object, allowed: str):
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{field}: got {_short(value)}; {allowed}")
+
+
+def _short(value: object, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
