@@ -1,0 +1,90 @@
+"""Turn a validated GenerationRequest into images with the loaded models."""
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
+from PIL import Image
+
+from flux.images import open_user_image, open_user_mask
+from flux.loading import FluxModels
+from flux.request import GenerationRequest
+from flux.sizes import size_for_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: list[Image.Image]
+    seed: int
+    width: int
+    height: int
+
+
+def draw_seed() -> int:
+    return int.from_bytes(os.urandom(4), "big")
+
+
+def generate(models: FluxModels, request: GenerationRequest) -> GenerationResult:
+    """Text-to-image, img2img (request.image) or inpainting (request.image + request.mask)."""
+    variant = request.variant
+    components = dict(
+        transformer=models.transformer_for(variant),
+        # A fresh scheduler per request: pipelines keep step state on it.
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(models.scheduler_configs[variant.name]),
+        vae=models.vae,
+        text_encoder=models.text_encoder,
+        text_encoder_2=models.text_encoder_2,
+        tokenizer=models.tokenizer,
+        tokenizer_2=models.tokenizer_2,
+    )
+    seed = draw_seed() if request.seed is None else request.seed
+    print(f"Using seed: {seed}", flush=True)
+    warn_if_truncated(models, request)
+
+    width, height = request.width, request.height
+    extra: dict = {}
+    if request.image is not None:
+        image = open_user_image(request.image, "image")
+        width, height = size_for_image(image.size, request.megapixels)
+        extra = dict(image=image, strength=request.prompt_strength)
+        pipeline_class = FluxImg2ImgPipeline
+        if request.mask is not None:
+            extra["mask_image"] = open_user_mask(request.mask, "mask", image.size)
+            pipeline_class = FluxInpaintPipeline
+    else:
+        pipeline_class = FluxPipeline
+
+    pipe = pipeline_class(**components)
+    pipe.set_progress_bar_config(disable=True)
+    # A CPU generator gives the same noise on every device, so a seed means the same image everywhere.
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with torch.inference_mode():
+        output = pipe(
+            prompt=request.prompt,
+            width=width,
+            height=height,
+            num_images_per_prompt=request.num_outputs,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance,
+            max_sequence_length=variant.max_sequence_length,
+            generator=generator,
+            output_type="pil",
+            **extra,
+        )
+    return GenerationResult(images=list(output.images), seed=seed, width=width, height=height)
+
+
+def warn_if_truncated(models: FluxModels, request: GenerationRequest) -> None:
+    limit = request.variant.max_sequence_length
+    count = len(models.tokenizer_2(request.prompt, truncation=False).input_ids)
+    if count > limit:
+        log.warning(
+            "prompt is %d T5 tokens; FLUX.1 %s reads at most %d, so the end of the prompt is ignored",
+            count,
+            request.variant.name,
+            limit,
+        )

@@ -1,0 +1,72 @@
+"""Output sizes: the fixed Replicate table, custom sizes, and sizes that follow an input image."""
+
+from weights.errors import UserInputError
+
+# Sizes at megapixels "1": a fixed table (what users get on Replicate), not a formula.
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024),
+    "16:9": (1344, 768),
+    "21:9": (1536, 640),
+    "3:2": (1216, 832),
+    "2:3": (832, 1216),
+    "4:5": (896, 1088),
+    "5:4": (1088, 896),
+    "3:4": (896, 1152),
+    "4:3": (1152, 896),
+    "9:16": (768, 1344),
+    "9:21": (640, 1536),
+}
+CUSTOM = "custom"
+MEGAPIXELS = ("1", "0.25")
+MIN_SIDE, MAX_SIDE, MULTIPLE = 256, 1440, 16
+
+
+def round_to_multiple(value: float, multiple: int = MULTIPLE) -> int:
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+def resolve_size(
+    aspect_ratio: str, megapixels: str, width: int | None, height: int | None
+) -> tuple[int, int]:
+    """(width, height) of the output for a text-to-image request."""
+    if megapixels not in MEGAPIXELS:
+        raise UserInputError("megapixels", megapixels, f"allowed: {', '.join(MEGAPIXELS)}")
+    if aspect_ratio == CUSTOM:
+        return _custom_side("width", width), _custom_side("height", height)
+    if aspect_ratio not in ASPECT_RATIOS:
+        allowed = ", ".join([*ASPECT_RATIOS, CUSTOM])
+        raise UserInputError("aspect_ratio", aspect_ratio, f"allowed: {allowed}")
+    for name, value in (("width", width), ("height", height)):
+        if value is not None:
+            raise UserInputError(
+                name, value, f"only used with aspect_ratio=custom (got aspect_ratio={aspect_ratio})"
+            )
+    w, h = ASPECT_RATIOS[aspect_ratio]
+    if megapixels == "0.25":  # a quarter of the pixels: both sides halved
+        w, h = w // 2, h // 2
+    return w, h
+
+
+def _custom_side(name: str, value: int | None) -> int:
+    if value is None:
+        raise UserInputError(name, value, f"required with aspect_ratio=custom ({MIN_SIDE}-{MAX_SIDE})")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserInputError(name, value, f"an integer from {MIN_SIDE} to {MAX_SIDE}")
+    if not MIN_SIDE <= value <= MAX_SIDE:
+        raise UserInputError(
+            name, value, f"allowed: {MIN_SIDE}-{MAX_SIDE} (rounded to a multiple of {MULTIPLE})"
+        )
+    return round_to_multiple(value)
+
+
+def size_for_image(image_size: tuple[int, int], megapixels: str) -> tuple[int, int]:
+    """Output size for img2img/inpainting: the input's aspect ratio at the requested pixel count."""
+    if megapixels not in MEGAPIXELS:
+        raise UserInputError("megapixels", megapixels, f"allowed: {', '.join(MEGAPIXELS)}")
+    target_area = 1024 * 1024 * float(megapixels)
+    iw, ih = image_size
+    scale = (target_area / (iw * ih)) ** 0.5
+    # Very long images are capped at the table's longest side so the pixel count stays in range.
+    longest = max(max(side) for side in ASPECT_RATIOS.values()) * (0.5 if megapixels == "0.25" else 1.0)
+    scale = min(scale, longest / max(iw, ih))
+    return round_to_multiple(iw * scale), round_to_multiple(ih * scale)

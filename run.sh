@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The two commands a newcomer needs, on a fresh machine with Python 3.11:
+#   ./run.sh predict -i prompt="a red circle on a white background"   # the real Cog server, built-in tiny model
+#   ./run.sh train -i input_images=@photos.zip -i steps=20              # LoRA training through Cog (train.py)
+#   ./run.sh test                                                        # the test suite
+# Each installs what it needs first (a .venv here, pinned packages) and builds the tiny model if absent.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+install() {
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+  fi
+  # Reinstall only when the pins change (the stamp holds a hash of both requirement files).
+  stamp=.venv/.requirements-installed
+  want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -r requirements-dev.txt
+    echo "$want" > "$stamp"
+  fi
+}
+
+with_tiny_model() {
+  # Without an explicit weights folder, run on the built-in tiny model and never download.
+  if [ -z "${FLUX_WEIGHTS_DIR:-}" ]; then
+    .venv/bin/python -m flux.tiny weights/tiny --if-missing >/dev/null
+    export FLUX_WEIGHTS_DIR="$PWD/weights/tiny" FLUX_ALLOW_DOWNLOAD="${FLUX_ALLOW_DOWNLOAD:-0}"
+  fi
+}
+
+command=${1:-}
+shift || true
+case "$command" in
+  predict|train)
+    install
+    with_tiny_model
+    exec .venv/bin/python scripts/cog_local.py "$command" "$@"
+    ;;
+  test)
+    install
+    exec .venv/bin/python -m pytest "$@"
+    ;;
+  *)
+    sed -n '2,6p' "$0"
+    exit 2
+    ;;
+esac

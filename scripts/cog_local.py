@@ -1,0 +1,172 @@
+"""Run the real Cog HTTP server locally and send it one request, like `cog predict` / `cog train`.
+
+    python scripts/cog_local.py predict -i prompt="a red circle" -i num_outputs=2 [-o outputs]
+    python scripts/cog_local.py train -i input_images=@photos.zip -i steps=50
+
+`-i key=value` takes JSON when the value parses as JSON (numbers, true/false), else a string;
+`-i key=@path` sends a local file (as a data: URL, which Cog turns back into a file).
+Outputs that are files are written under -o (default ./outputs). Docker and the cog CLI are not needed.
+"""
+
+import argparse
+import base64
+import json
+import mimetypes
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STUBS = {
+    "predict": ("COG_PREDICT_TYPE_STUB", "predict.py:Runner"),
+    "train": ("COG_TRAIN_TYPE_STUB", "train.py:train"),
+}
+
+
+def parse_inputs(pairs: list[str]) -> dict:
+    inputs = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"-i {pair!r}: expected key=value")
+        if value.startswith("@"):
+            inputs[key] = file_to_data_url(Path(value[1:]))
+        else:
+            try:
+                inputs[key] = json.loads(value)
+            except json.JSONDecodeError:
+                inputs[key] = value
+    return inputs
+
+
+def file_to_data_url(path: Path) -> str:
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def cog_server(
+    mode: str = "predict", env: dict | None = None, setup_timeout: float = 600, log_path: Path | None = None
+):
+    """Start `python -m cog.server.http` on a free loopback port; yield its base URL once READY."""
+    port = free_port()
+    stub_var, stub = STUBS[mode]
+    server_env = {**os.environ, "PORT": str(port), stub_var: stub, **(env or {})}
+    # The worker is started as plain `python`: this interpreter's folder must come first on PATH.
+    server_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{server_env.get('PATH', '')}"
+    args = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"]
+    if mode == "train":
+        args.append("--x-mode=train")
+    log_file = open(log_path or os.devnull, "wb")
+    process = subprocess.Popen(args, cwd=ROOT, env=server_env, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, setup_timeout)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log_file.close()
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the Cog server exited with code {process.returncode}")
+        try:
+            health = get_json(f"{url}/health-check")
+            if health.get("status") == "READY":
+                return health
+            if health.get("status") in ("SETUP_FAILED", "DEFUNCT"):
+                raise RuntimeError(f"setup failed:\n{health.get('setup', {}).get('logs', '')}")
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the Cog server at {url} was not READY after {timeout:.0f} s")
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def post_json(url: str, body: dict, timeout: float = 3600) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def run_job(url: str, mode: str, inputs: dict, timeout: float = 3600) -> dict:
+    endpoint = "trainings" if mode == "train" else "predictions"
+    return post_json(f"{url}/{endpoint}", {"input": inputs}, timeout)
+
+
+def decode_data_url(value: str) -> bytes:
+    header, _, payload = value.partition(",")
+    return base64.b64decode(payload) if header.endswith(";base64") else payload.encode()
+
+
+def write_outputs(output, out_dir: Path, default_stem: str = "output") -> list[Path]:
+    """Write every data: URL in the output (a file, a list, or a dict of them) under out_dir."""
+    written = []
+
+    def visit(value, stem):
+        if isinstance(value, str) and value.startswith("data:"):
+            mime = value[5:].split(";")[0].split(",")[0]
+            ext = mimetypes.guess_extension(mime) or ""
+            path = out_dir / f"{stem}{ext}"
+            path.write_bytes(decode_data_url(value))
+            written.append(path)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                visit(item, f"out-{index}" if stem == default_stem else f"{stem}-{index}")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(item, key)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    visit(output, default_stem)
+    return written
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("mode", choices=list(STUBS))
+    parser.add_argument("-i", "--input", action="append", default=[], help="key=value or key=@file")
+    parser.add_argument("-o", "--output-dir", type=Path, default=Path("outputs"))
+    args = parser.parse_args()
+    inputs = parse_inputs(args.input)
+    print(f"starting the Cog server ({args.mode}) ...", file=sys.stderr)
+    with cog_server(args.mode) as url:
+        print(f"Cog server ready at {url}; running ...", file=sys.stderr)
+        result = run_job(url, args.mode, inputs)
+    sys.stderr.write(result.get("logs") or "")
+    if result.get("status") != "succeeded":
+        print(f"failed: {result.get('error')}", file=sys.stderr)
+        return 1
+    for path in write_outputs(result.get("output"), args.output_dir):
+        print(f"written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
