@@ -243,3 +243,38 @@ def test_mask_errors_name_the_mask_field(tmp_path: Path) -> None:
     with pytest.raises(UserInputError) as info:
         open_user_mask(path, size=(8, 8))
     assert str(info.value).startswith("mask:") and "mask.png" in str(info.value)
+
+
+def test_camera_multi_picture_jpeg_gives_first_picture(tmp_path: Path) -> None:
+    path = tmp_path / "camera.jpg"
+    first, second = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    first.save(path, "MPO", save_all=True, append_images=[second])
+    with Image.open(path) as raw:
+        assert raw.format == "MPO"
+    red, green, blue = np.asarray(open_user_image(path, "image"))[4, 4]
+    assert red > 240 and green < 15 and blue < 15
+
+
+def test_embedded_colour_profile_is_honoured(tmp_path: Path) -> None:
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    source = _gradient()
+    path = tmp_path / "tagged.png"
+    source.save(path, icc_profile=srgb)
+    pixels = np.asarray(open_user_image(path, "image"), dtype=int)
+    assert np.abs(pixels - np.asarray(source, dtype=int)).max() <= 2  # sRGB -> sRGB is (nearly) identity
+
+
+def test_unusable_colour_profile_falls_back_with_a_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from PIL import ImageCms
+
+    xyz = ImageCms.ImageCmsProfile(ImageCms.createProfile("XYZ")).tobytes()  # not an RGB profile
+    path = tmp_path / "odd.png"
+    Image.new("RGB", (4, 4), (100, 150, 200)).save(path, icc_profile=xyz)
+    with caplog.at_level("INFO"):
+        image = open_user_image(path, "image")
+    assert image.getpixel((0, 0)) == (100, 150, 200)
+    assert "odd.png" in caplog.text and "colour profile not usable" in caplog.text
