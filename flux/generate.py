@@ -53,7 +53,7 @@ def generate(models: FluxModels, request: GenerationRequest) -> GenerationResult
         extra = dict(image=image, strength=request.prompt_strength)
         pipeline_class = FluxImg2ImgPipeline
         if request.mask is not None:
-            extra["mask_image"] = open_user_mask(request.mask, "mask", image.size)
+            extra["mask_image"] = open_user_mask(request.mask, "mask", size=image.size)
             pipeline_class = FluxInpaintPipeline
     else:
         pipeline_class = FluxPipeline
@@ -75,7 +75,21 @@ def generate(models: FluxModels, request: GenerationRequest) -> GenerationResult
             output_type="pil",
             **extra,
         )
-    return GenerationResult(images=list(output.images), seed=seed, width=width, height=height)
+    images = list(output.images)
+    if "mask_image" in extra:
+        images = [keep_unmasked(extra["image"], extra["mask_image"], generated) for generated in images]
+    return GenerationResult(images=images, seed=seed, width=width, height=height)
+
+
+def keep_unmasked(source: Image.Image, mask: Image.Image, generated: Image.Image) -> Image.Image:
+    """Paste the source back where the mask is black: the VAE round trip alone would blur what the user keeps.
+
+    Grey mask values blend the two, so soft mask edges stay soft.
+    """
+    size = generated.size
+    return Image.composite(
+        generated, source.resize(size, Image.Resampling.LANCZOS), mask.resize(size, Image.Resampling.BILINEAR)
+    )
 
 
 def warn_if_truncated(models: FluxModels, request: GenerationRequest) -> None:

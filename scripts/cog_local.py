@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -113,9 +114,18 @@ def post_json(url: str, body: dict, timeout: float = 3600) -> dict:
         return json.loads(response.read())
 
 
-def run_job(url: str, mode: str, inputs: dict, timeout: float = 3600) -> dict:
+def run_job(url: str, mode: str, inputs: dict, timeout: float = 3600, busy_wait: float = 60) -> dict:
+    """POST one job and wait for its result. The server answers 409 while its one slot is still
+    busy (also for a moment after the previous response); wait for it like a queue would."""
     endpoint = "trainings" if mode == "train" else "predictions"
-    return post_json(f"{url}/{endpoint}", {"input": inputs}, timeout)
+    deadline = time.monotonic() + busy_wait
+    while True:
+        try:
+            return post_json(f"{url}/{endpoint}", {"input": inputs}, timeout)
+        except urllib.error.HTTPError as error:
+            if error.code != 409 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def decode_data_url(value: str) -> bytes:

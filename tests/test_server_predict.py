@@ -1,0 +1,220 @@
+"""predict.py through the real Cog HTTP server on the tiny model, as Replicate and `cog predict` talk to it."""
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flux.sizes import ASPECT_RATIOS
+
+pytestmark = pytest.mark.server
+FAST = {"model": "schnell", "num_inference_steps": 1}
+
+
+def decode(data_url: str) -> Image.Image:
+    header, _, payload = data_url.partition(",")
+    assert header.startswith("data:image/")
+    return Image.open(io.BytesIO(base64.b64decode(payload)))
+
+
+def data_url(raw: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def succeeded(result: dict) -> list:
+    assert result["status"] == "succeeded", result.get("error")
+    return result["output"]
+
+
+def test_health_check_is_ready(predict_server):
+    assert predict_server.health()["status"] == "READY"
+
+
+@pytest.mark.parametrize("megapixels", ["1", "0.25"])
+@pytest.mark.parametrize("aspect_ratio", list(ASPECT_RATIOS))
+def test_every_aspect_ratio_and_megapixels(predict_server, aspect_ratio, megapixels):
+    output = succeeded(
+        predict_server.predict(
+            prompt="a cat", aspect_ratio=aspect_ratio, megapixels=megapixels, output_format="png", **FAST
+        )
+    )
+    w, h = ASPECT_RATIOS[aspect_ratio]
+    expected = (w, h) if megapixels == "1" else (w // 2, h // 2)
+    assert decode(output[0]).size == expected
+
+
+def test_custom_size_is_rounded(predict_server):
+    output = succeeded(
+        predict_server.predict(
+            prompt="a cat", aspect_ratio="custom", width=500, height=300, megapixels="0.25", **FAST
+        )
+    )
+    assert decode(output[0]).size == (496, 304)
+
+
+@pytest.mark.parametrize(("output_format", "pil_format"), [("webp", "WEBP"), ("jpg", "JPEG"), ("png", "PNG")])
+def test_every_output_format(predict_server, output_format, pil_format):
+    output = succeeded(
+        predict_server.predict(
+            prompt="a cat", megapixels="0.25", output_format=output_format, output_quality=50, **FAST
+        )
+    )
+    assert decode(output[0]).format == pil_format
+
+
+def test_output_quality_changes_lossy_files(predict_server):
+    sizes = [
+        len(
+            succeeded(
+                predict_server.predict(
+                    prompt="a cat", megapixels="0.25", seed=5, output_format="jpg", output_quality=q, **FAST
+                )
+            )[0]
+        )
+        for q in (10, 95)
+    ]
+    assert sizes[0] < sizes[1]
+
+
+@pytest.mark.parametrize("num_outputs", [1, 4])
+def test_num_outputs(predict_server, num_outputs):
+    output = succeeded(
+        predict_server.predict(prompt="a cat", megapixels="0.25", num_outputs=num_outputs, seed=1, **FAST)
+    )
+    assert len(output) == num_outputs
+    assert len({item for item in output}) == num_outputs  # different images, not one copied
+
+
+def test_seed_gives_byte_identical_files_and_is_logged(predict_server):
+    first = predict_server.predict(
+        prompt="a dog", model="dev", num_inference_steps=2, megapixels="0.25", seed=1234
+    )
+    second = predict_server.predict(
+        prompt="a dog", model="dev", num_inference_steps=2, megapixels="0.25", seed=1234
+    )
+    assert succeeded(first) == succeeded(second)
+    assert "Using seed: 1234" in first["logs"]
+
+
+def test_random_seed_is_drawn_and_logged(predict_server):
+    logs = predict_server.predict(prompt="a dog", megapixels="0.25", **FAST)["logs"]
+    assert "Using seed: " in logs
+
+
+def test_img2img_takes_the_input_aspect_ratio(predict_server):
+    source = Image.new("RGB", (300, 200), (200, 30, 30))
+    output = succeeded(
+        predict_server.predict(
+            prompt="a cat",
+            model="schnell",
+            image=data_url(png_bytes(source)),
+            prompt_strength=0.5,
+            megapixels="0.25",
+        )
+    )
+    w, h = decode(output[0]).size
+    assert abs(w / h - 1.5) < 0.03 and w % 16 == 0 and h % 16 == 0
+
+
+def test_inpainting_keeps_pixels_outside_the_mask(predict_server):
+    rng = np.random.default_rng(0)
+    source = Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8))
+    mask = Image.new("L", (128, 128), 0)  # a different size than the image: resized, not refused
+    mask.paste(255, (0, 0, 64, 128))  # left half repainted
+    output = succeeded(
+        predict_server.predict(
+            prompt="a cat",
+            model="schnell",
+            image=data_url(png_bytes(source)),
+            mask=data_url(png_bytes(mask)),
+            prompt_strength=1.0,
+            megapixels="0.25",
+            output_format="png",
+        )
+    )
+    result = np.asarray(decode(output[0]).convert("RGB")).astype(int)
+    expected = np.asarray(source.resize(result.shape[1::-1], Image.Resampling.LANCZOS)).astype(int)
+    half = result.shape[1] // 2
+    keep_error = np.abs(result[:, half + 8 :] - expected[:, half + 8 :]).mean()
+    repaint_change = np.abs(result[:, : half - 8] - expected[:, : half - 8]).mean()
+    assert keep_error < 2, keep_error
+    assert repaint_change > 20, repaint_change
+
+
+def truncated_png() -> bytes:
+    return png_bytes(Image.new("RGB", (64, 64), (1, 2, 3)))[:60]
+
+
+def bomb_png() -> bytes:
+    """A valid PNG header declaring 100000 x 100000 pixels, with almost no data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+BAD_INPUTS = [
+    ({"aspect_ratio": "7:3"}, "aspect_ratio: got '7:3'"),
+    ({"model": "pro"}, "model: got 'pro'"),
+    ({"output_format": "gif"}, "output_format: got 'gif'"),
+    ({"megapixels": "2"}, "megapixels: got '2'"),
+    ({"aspect_ratio": "custom"}, "width: got None; required"),
+    ({"aspect_ratio": "custom", "width": 512}, "height: got None; required"),
+    ({"aspect_ratio": "custom", "width": 100, "height": 512}, "width: got 100"),
+    ({"aspect_ratio": "custom", "width": 512, "height": 2000}, "height: got 2000"),
+    ({"num_outputs": 0}, "num_outputs: got 0"),
+    ({"num_outputs": 5}, "num_outputs: got 5"),
+    ({"model": "schnell", "num_inference_steps": 0}, "num_inference_steps: got 0"),
+    (
+        {"model": "schnell", "num_inference_steps": 5},
+        "num_inference_steps: got 5; an integer from 1 to 4 for model=schnell",
+    ),
+    (
+        {"model": "dev", "num_inference_steps": 51},
+        "num_inference_steps: got 51; an integer from 1 to 50 for model=dev",
+    ),
+    ({"guidance": 11}, "guidance: got 11"),
+    ({"guidance": -1}, "guidance: got -1"),
+    ({"prompt": ""}, "prompt: got ''"),
+    ({"prompt_strength": 1.5}, "prompt_strength: got 1.5"),
+    ({"output_quality": 101}, "output_quality: got 101"),
+    ({"output_quality": -1}, "output_quality: got -1"),
+    ({"image": data_url(b"this is not an image", "text/plain")}, "image: got"),
+    ({"image": data_url(truncated_png())}, "truncated or corrupt"),
+    ({"image": data_url(bomb_png())}, "the image declares"),
+    ({"mask": data_url(png_bytes(Image.new("L", (64, 64), 255)))}, "mask: got"),
+]
+
+
+@pytest.mark.parametrize(("inputs", "expected"), BAD_INPUTS, ids=[expected for _, expected in BAD_INPUTS])
+def test_bad_input_fails_clearly_and_the_server_keeps_serving(predict_server, inputs, expected):
+    result = predict_server.predict(**{"prompt": "a cat", "megapixels": "0.25", **inputs})
+    assert result["status"] == "failed"
+    assert expected in result["error"]
+    assert "Traceback" not in result["error"]
+    assert len(succeeded(predict_server.predict(prompt="a cat", megapixels="0.25", **FAST))) == 1
+
+
+def test_requests_reload_nothing_after_setup(predict_server):
+    setup_logs = predict_server.health()["setup"]["logs"]
+    assert "loading transformer" in setup_logs
+    result = predict_server.predict(prompt="a cat", megapixels="0.25", model="dev", num_inference_steps=1)
+    succeeded(result)
+    assert "loading" not in result["logs"]
