@@ -45,7 +45,7 @@ import logging
 import os
 import re
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from weights.archive import (
@@ -64,12 +64,13 @@ from weights.lora_cache import LoraCache
 
 log = logging.getLogger(__name__)
 
-ACCEPTED = (
-    "expected a Hugging Face repo (owner/repo, huggingface.co/owner/repo[/file.safetensors], hf:owner/repo), "
+_REMOTE_FORMS = (
+    "a Hugging Face repo (owner/repo, huggingface.co/owner/repo[/file.safetensors], hf:owner/repo), "
     "a Replicate model (owner/model[/version], replicate.com/owner/model, replicate:owner/model), "
-    "a CivitAI model URL (https://civitai.com/models/<id>), an https URL to a .safetensors, .tar or .zip, "
-    "a data: URL, or a local path"
+    "a CivitAI model URL (https://civitai.com/models/<id>), an https URL to a .safetensors, .tar or .zip"
 )
+ACCEPTED = f"expected {_REMOTE_FORMS}, a data: URL, or a local path"
+ACCEPTED_REMOTE = f"expected {_REMOTE_FORMS}, or a data: URL"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _HF_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
 _REPLICATE_HOSTS = ("replicate.com", "www.replicate.com")
@@ -120,6 +121,8 @@ class CivitaiSource:
     model_id: str | None
     version_id: str | None
     query: str = ""  # the download URL's own query (type/format/size), without any token
+    # A token pasted into a download URL (?token=...): used, but kept out of the cache key and repr.
+    url_token: str | None = field(default=None, compare=False, repr=False)
 
 
 LoraSource = LocalSource | UrlSource | DataSource | HfSource | ReplicateSource | CivitaiSource
@@ -234,8 +237,10 @@ def _parse_civitai_url(segments: list[str], query: str) -> CivitaiSource:
             raise LoraReferenceError(f"modelVersionId must be a number, got {version!r}")
         return CivitaiSource(segments[1], version)
     if segments[:3] == ["api", "download", "models"] and len(segments) == 4 and segments[3].isdigit():
-        kept = [(k, v) for k, v in urllib.parse.parse_qsl(query) if k.lower() != "token"]
-        return CivitaiSource(None, segments[3], urllib.parse.urlencode(kept))
+        pairs = urllib.parse.parse_qsl(query)
+        kept = [(k, v) for k, v in pairs if k.lower() != "token"]
+        token = next((v for k, v in pairs if k.lower() == "token"), None)
+        return CivitaiSource(None, segments[3], urllib.parse.urlencode(kept), url_token=token)
     raise LoraReferenceError(
         "a CivitAI reference is https://civitai.com/models/<id>[?modelVersionId=<v>] "
         "or https://civitai.com/api/download/models/<versionId>"
@@ -304,12 +309,16 @@ def fetch_lora(
     field: str = "lora_weights",
     *,
     limits: DownloadLimits | None = None,
+    allow_local: bool = True,
 ) -> Path:
     """A local, verified .safetensors file for `reference` (see the module docstring).
 
     Raises UserInputError(field, reference, why) for anything the user can fix: a reference that
     parses as nothing, a missing file or repo, a token that is needed, a download that breaks
     off, an archive with zero or several .safetensors, a pickle file.
+
+    `limits` defaults to download_limits_from_env(). `allow_local=False` refuses local paths, for
+    callers whose references come from people who should not read the server's file system.
     """
     if not isinstance(reference, str):
         raise UserInputError(field, reference, f"expected a string; {ACCEPTED}")
@@ -317,6 +326,8 @@ def fetch_lora(
     try:
         source = parse_lora_reference(reference)
         if isinstance(source, LocalSource):
+            if not allow_local:
+                raise LoraReferenceError(f"local paths are not accepted here; {ACCEPTED_REMOTE}")
             return _fetch_local(source.path, cache, limits)
         key = source_key(source)
         before = cache.misses
@@ -324,7 +335,12 @@ def fetch_lora(
         log.info("%s: %s (%s)", field, path, "downloaded" if cache.misses > before else "cached")
         return path
     except (LoraReferenceError, DownloadError, ArchiveError, NotSafetensorsError) as err:
-        raise UserInputError(field, reference, str(err)) from None
+        raise UserInputError(field, _hide_tokens(reference), str(err)) from None
+
+
+def _hide_tokens(reference: str) -> str:
+    """The reference as shown in errors: a token pasted into a URL (?token=...) is masked."""
+    return re.sub(r"(?i)([?&](?:token|api_key|access_token)=)[^&#\s]+", r"\1***", reference)
 
 
 def download_limits_from_env() -> DownloadLimits:
@@ -489,7 +505,7 @@ def _hf_error(source: HfSource, err: DownloadError, filename: str | None = None)
         )
         message = f"Hugging Face refused access to {target} (HTTP {err.status}): {hint}"
     elif err.kind == "not_found":
-        message = f"Hugging Face has no {target} at revision {source.revision} ({_redact(err.url)})"
+        message = f"Hugging Face has no {target} at revision {source.revision} (HTTP {err.status}: {_redact(err.url)})"
     else:
         message = f"Hugging Face {target}: {err}"
     return DownloadError(err.kind, err.url, message, err.status)
@@ -555,7 +571,7 @@ _LORA_TYPES = {"lora", "locon", "dora", "lycoris"}
 
 def _download_civitai(source: CivitaiSource, dest: Path, limits: DownloadLimits) -> str:
     base = _civitai_base()
-    token = os.environ.get("CIVITAI_API_TOKEN")
+    token = source.url_token or os.environ.get("CIVITAI_API_TOKEN")
     auth = Auth(host_of(base), f"Bearer {token}" if token else None, "CIVITAI_API_TOKEN")
     version = source.version_id
     if version is None:
