@@ -205,3 +205,12 @@ def test_bad_download_is_not_cached(fixture_server: FixtureServer, tmp_path: Pat
     fixture_server.add("/flaky.safetensors", A)
     assert fetch_lora(fixture_server.url("/flaky.safetensors"), cache).read_bytes() == A
     assert cache.misses == 2
+
+
+def test_producer_must_not_hand_over_an_outside_file(tmp_path: Path) -> None:
+    outside = tmp_path / "users_own.safetensors"
+    outside.write_bytes(A)
+    cache = LoraCache(tmp_path / "cache", max_bytes=10**9)
+    with pytest.raises(ValueError, match="inside"):
+        cache.get_or_create("k", lambda workdir: outside)
+    assert outside.read_bytes() == A and cache.lookup("k") is None

@@ -323,3 +323,15 @@ def test_bad_data_urls(cache: LoraCache) -> None:
     with pytest.raises(UserInputError, match="pickle"):
         fetch_lora("data:;base64," + base64.b64encode(pickle.dumps({"a": 1}, protocol=4)).decode(), cache)
     assert leftovers(cache) == []
+
+
+def test_archive_that_unpacks_to_far_more_is_refused(fixture_server: FixtureServer, cache: LoraCache) -> None:
+    limits = DownloadLimits(max_bytes=len(LORA) + 1024)
+    padding = bytes(5 * limits.max_bytes)  # the LoRA fits the limit; the whole archive unpacks to far more
+    payload = tar_bytes(
+        {"lora.safetensors": LORA, "a.txt": padding[:1000], "b.txt": padding}, compression="gz"
+    )
+    fixture_server.add("/bomb.tar.gz", payload)
+    assert len(payload) <= limits.max_bytes
+    with pytest.raises(UserInputError, match="unpacks to more than"):
+        fetch_lora(fixture_server.url("/bomb.tar.gz"), cache, limits=limits)

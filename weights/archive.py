@@ -25,6 +25,7 @@ FileKind = Literal["safetensors", "zip", "tar", "pickle", "torch_zip", "unknown"
 ONLY_SAFETENSORS = "only .safetensors LoRA files are accepted (pickle formats such as .bin/.pt/.ckpt are not)"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 _MAX_MEMBERS = 10_000
+_MAX_TOTAL_FACTOR = 4  # all members together, as a multiple of the per-member limit
 _LISTED = 20  # names shown in an error before "..."
 _DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
@@ -197,9 +198,16 @@ def _extract_from_tar(archive: Path, dest: Path, limit: int) -> str:
         with tarfile.open(archive, mode="r:*") as tar:
             members: dict[str, tarfile.TarInfo] = {}
             listing: list[str] = []
+            total = 0
             for i, member in enumerate(tar):
                 if i >= _MAX_MEMBERS:
                     raise ArchiveError(f"the archive has more than {_MAX_MEMBERS} members")
+                total += max(member.size, 0)
+                if total > _MAX_TOTAL_FACTOR * limit:
+                    # Listing a compressed tar decompresses it all; bound that work too.
+                    raise ArchiveError(
+                        f"the archive unpacks to more than {_MAX_TOTAL_FACTOR}x the size limit"
+                    )
                 _check_name(member.name)
                 if member.issym() or member.islnk():
                     raise ArchiveError(f"the archive is refused: member {member.name!r} is a link")

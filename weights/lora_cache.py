@@ -103,6 +103,9 @@ class LoraCache:
             workdir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{key}-", dir=self.root))
             try:
                 produced = produce(workdir)
+                if produced.parent != workdir:
+                    # os.replace would move someone else's file (a user's local LoRA) into the cache.
+                    raise ValueError(f"a producer must return a file inside {workdir}, got {produced}")
                 _fsync_file(produced)
                 os.replace(produced, final)
                 _fsync_dir(self.root)
