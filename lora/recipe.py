@@ -1,0 +1,168 @@
+"""The pieces of the FLUX.1 LoRA recipe, as small functions the training loop composes.
+
+Choices, and why (the public trainers agree on them; ANCHORS.md "The training recipe"):
+- LoRA targets: every Linear inside the double blocks (`transformer_blocks.*`: attention q/k/v/out,
+  the added-context projections, both feed-forwards, the adaLN norm linears) and the single blocks
+  (`single_transformer_blocks.*`: q/k/v, proj_mlp, proj_out, norm linear). The embedders and the final
+  layer stay frozen: they are shared by every prompt and easy to damage. alpha = rank (scale 1).
+- Latents: the VAE posterior mean (deterministic, so the cache is reproducible; FLUX.1's VAE variance
+  is tiny), normalised as (z - shift_factor) * scaling_factor, packed into 2x2 patches (64 channels a
+  token) with (0, row, col) ids on the half-resolution grid, exactly as the inference pipeline does.
+- Flow matching: x_t = (1 - t) x0 + t noise, the model predicts the velocity noise - x0, plain MSE.
+- Timesteps: t = sigmoid(n), n ~ N(0, 1) (more weight on mid noise levels than uniform), then shifted
+  by the same resolution-dependent rule the dev scheduler samples with (mu from the image token count),
+  so larger images train at the higher noise levels they are generated at.
+- dev is guidance-distilled: it is trained with the guidance input at 1.0 (3.5 bakes the guidance
+  into the LoRA and gives over-saturated results at inference).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from PIL import Image
+
+from weights.errors import UserInputError
+
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+TRAINING_GUIDANCE = 1.0
+FIELD_REGEX = "layers_to_optimize_regex"
+
+
+def block_linear_names(transformer: torch.nn.Module) -> list[str]:
+    """Names of every Linear in the double and single blocks, in module order."""
+    return [
+        name
+        for name, module in transformer.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.startswith(BLOCK_PREFIXES)
+    ]
+
+
+def select_lora_targets(transformer: torch.nn.Module, regex: str | None) -> list[str]:
+    """The block linears to train; with a regex, those whose name (with or without the
+    `transformer.` prefix users see in LoRA files) it matches. Matching nothing is an error."""
+    names = block_linear_names(transformer)
+    if not regex:
+        return names
+    pattern = re.compile(regex)
+    chosen = [n for n in names if pattern.search(f"transformer.{n}") or pattern.search(n)]
+    if not chosen:
+        raise UserInputError(
+            FIELD_REGEX, regex, f"a regex matching some of the layers: {summarise_layers(names)}"
+        )
+    return chosen
+
+
+def summarise_layers(names: list[str]) -> str:
+    """'transformer.transformer_blocks.{0..18}.attn.to_q, ...': one entry per layer kind, blocks abbreviated."""
+    kinds: dict[str, list[int]] = {}
+    for name in names:
+        prefix, index, rest = name.split(".", 2)
+        kinds.setdefault(f"{prefix}.{{}}.{rest}", []).append(int(index))
+    parts = []
+    for template, indices in kinds.items():
+        span = str(indices[0]) if len(indices) == 1 else f"{min(indices)}..{max(indices)}"
+        parts.append("transformer." + template.format(span))
+    return ", ".join(parts)
+
+
+def lora_config(rank: int, targets: list[str]):
+    from peft import LoraConfig
+
+    # Full module names, so `proj_out` of a single block never also catches the final `proj_out`.
+    return LoraConfig(
+        r=rank, lora_alpha=rank, lora_dropout=0.0, init_lora_weights=True, target_modules=targets
+    )
+
+
+def image_to_pixels(image: Image.Image) -> torch.Tensor:
+    """RGB image -> [3, H, W] float tensor in [-1, 1], the VAE's input range."""
+    data = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
+    pixels = data.view(image.height, image.width, 3).permute(2, 0, 1).float()
+    return pixels / 127.5 - 1.0
+
+
+def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> normalised latents [B, 16, H/8, W/8] (fp32)."""
+    param = next(vae.parameters())
+    with torch.no_grad():
+        posterior = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+        latents = posterior.mode().float()
+    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B, h/2 * w/2, 4C]: diffusers' own packing, so training matches inference."""
+    from diffusers import FluxPipeline
+
+    batch, channels, height, width = latents.shape
+    return FluxPipeline._pack_latents(latents, batch, channels, height, width)
+
+
+def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Position ids of the packed tokens of an h x w latent: (0, row, col) on the h/2 x w/2 grid."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, device, dtype)
+
+
+def timestep_shift_mu(image_seq_len: int, scheduler_config: dict) -> float | None:
+    """mu of the dev scheduler's dynamic shift for this many image tokens; None when it shifts statically."""
+    if not scheduler_config.get("use_dynamic_shifting"):
+        return None
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return calculate_shift(
+        image_seq_len,
+        scheduler_config.get("base_image_seq_len", 256),
+        scheduler_config.get("max_image_seq_len", 4096),
+        scheduler_config.get("base_shift", 0.5),
+        scheduler_config.get("max_shift", 1.15),
+    )
+
+
+def sample_timesteps(
+    batch: int, image_seq_len: int, scheduler_config: dict, generator: torch.Generator
+) -> torch.Tensor:
+    """Noise levels t in (0, 1): sigmoid of a standard normal, shifted as the scheduler shifts."""
+    t = torch.sigmoid(torch.randn(batch, generator=generator))
+    mu = timestep_shift_mu(image_seq_len, scheduler_config)
+    if mu is not None:
+        shifted = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+    else:
+        shift = float(scheduler_config.get("shift", 1.0))
+        shifted = shift * t / (1 + (shift - 1) * t)
+    # Keep t strictly inside (0, 1): at the ends the target is degenerate.
+    return shifted.clamp(1e-4, 1 - 1e-4)
+
+
+def flow_matching_loss(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_embeds: torch.Tensor,
+    guidance: float | None,
+) -> torch.Tensor:
+    """MSE between the predicted and the true velocity at x_t = (1 - t) x0 + t noise (fp32 loss)."""
+    batch, _, height, width = latents.shape
+    param = next(p for p in transformer.parameters())
+    device, dtype = param.device, param.dtype
+    t_b = t.view(batch, 1, 1, 1)
+    noisy = (1 - t_b) * latents + t_b * noise
+    target = pack_latents(noise - latents).to(device)
+    guidance_input = None if guidance is None else torch.full((batch,), guidance, device=device, dtype=dtype)
+    prediction = transformer(
+        hidden_states=pack_latents(noisy).to(device=device, dtype=dtype),
+        timestep=t.to(device=device, dtype=dtype),
+        guidance=guidance_input,
+        pooled_projections=pooled_embeds.to(device=device, dtype=dtype),
+        encoder_hidden_states=prompt_embeds.to(device=device, dtype=dtype),
+        txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
+        img_ids=latent_image_ids(height, width, device, dtype),
+        return_dict=False,
+    )[0]
+    return torch.nn.functional.mse_loss(prediction.float(), target.float())

@@ -1,0 +1,113 @@
+"""Latents and text embeddings computed once before the loop, kept in memory or on disk.
+
+The VAE and both text encoders are needed only here; afterwards they leave the accelerator, so the
+loop has the transformer, its LoRA, the optimizer and the activations to itself. On disk
+(cache_latents_to_disk) each entry is a safetensors file read back per step: host memory stays flat
+with large datasets, at the cost of a small read per step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flux.loading import FluxModels
+from lora.buckets import Sample, fit_to_bucket
+from lora.recipe import encode_latents, image_to_pixels
+
+log = logging.getLogger(__name__)
+
+
+class TensorStore:
+    """Named groups of CPU tensors, in a dict or as one safetensors file per group."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self._memory: dict[str, dict[str, torch.Tensor]] = {}
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        if self.folder is None:
+            self._memory[key] = tensors
+        else:
+            save_file(tensors, str(self.folder / f"{key}.safetensors"))
+
+    def get(self, key: str) -> dict[str, torch.Tensor]:
+        if self.folder is None:
+            return self._memory[key]
+        return load_file(str(self.folder / f"{key}.safetensors"))
+
+
+@dataclass
+class TrainingCache:
+    latents: TensorStore  # key: sample number -> {"latents": [16, h, w] fp32}
+    texts: TensorStore  # key: caption number -> {"prompt": [seq, dim], "pooled": [dim]}
+    caption_of_sample: list[int]  # sample number -> caption number
+    empty_caption: int  # caption number of "" (used for caption dropout)
+
+
+def build_cache(
+    models: FluxModels,
+    images: list,
+    captions: list[str],
+    samples: list[Sample],
+    max_sequence_length: int,
+    folder: Path | None,
+) -> TrainingCache:
+    """Encode every sample's image at its bucket size and every distinct caption (plus the empty one)."""
+    latents = TensorStore(None if folder is None else folder / "latents")
+    texts = TensorStore(None if folder is None else folder / "text")
+    for number, sample in enumerate(samples):
+        image = fit_to_bucket(images[sample.index], sample.width, sample.height)
+        encoded = encode_latents(models.vae, image_to_pixels(image).unsqueeze(0))[0]
+        latents.put(str(number), {"latents": encoded})
+    log.info("cached %d latents%s", len(samples), " on disk" if folder else "")
+
+    distinct = list(dict.fromkeys([*captions, ""]))
+    number_of = {text: i for i, text in enumerate(distinct)}
+    pipe = _text_pipeline(models)
+    with torch.no_grad():
+        for number, text in enumerate(distinct):
+            prompt, pooled, _ = pipe.encode_prompt(
+                prompt=text, prompt_2=text, device=models.device, max_sequence_length=max_sequence_length
+            )
+            texts.put(str(number), {"prompt": prompt[0].float(), "pooled": pooled[0].float()})
+    log.info("cached %d text embeddings (T5 length %d)", len(distinct), max_sequence_length)
+    return TrainingCache(
+        latents=latents,
+        texts=texts,
+        caption_of_sample=[number_of[captions[s.index]] for s in samples],
+        empty_caption=number_of[""],
+    )
+
+
+def _text_pipeline(models: FluxModels):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    # Only encode_prompt is used: the transformer is not needed for it.
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=models.vae,
+        text_encoder=models.text_encoder,
+        tokenizer=models.tokenizer,
+        text_encoder_2=models.text_encoder_2,
+        tokenizer_2=models.tokenizer_2,
+        transformer=None,
+    )
+
+
+def move_encoders(models: FluxModels, device: torch.device | str) -> None:
+    """Move the VAE and both text encoders (off the accelerator during the loop, back for previews)."""
+    if models.device.type == "cpu":
+        return
+    for module in (models.vae, models.text_encoder, models.text_encoder_2):
+        module.to(device)
+    if torch.device(device).type == "cpu":
+        torch.cuda.empty_cache()
+    log.info("VAE and text encoders moved to %s", device)

@@ -1,0 +1,210 @@
+"""The inputs of a LoRA training, validated in one place into a frozen TrainingConfig.
+
+Names, defaults and ranges follow the public FLUX.1 LoRA trainer (ostris/flux-dev-lora-trainer on
+Replicate), so a user switching over sends the same inputs. The Cog server does not enforce Input
+ranges without the schema `cog build` writes, so every rule is checked here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+
+from weights.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw8bit", "adamw", "prodigy")
+MIN_STEPS, MAX_STEPS = 3, 6000
+MIN_RANK, MAX_RANK = 1, 128
+MIN_BATCH, MAX_BATCH = 1, 8
+MIN_RESOLUTION, MAX_RESOLUTION = 256, 1536
+RESOLUTION_STEP = 64  # bucket sides are multiples of 64: fewer, fuller buckets for batch_size > 1
+MAX_LEARNING_RATE = 1e-2  # AdamW above this diverges on FLUX.1 within a few steps
+# Prodigy estimates its own step size; its learning_rate is a multiplier on that estimate (1.0 usual).
+MAX_PRODIGY_LEARNING_RATE = 10.0
+MAX_SEED = 2**32 - 1
+_HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+DEFAULTS = dict(
+    trigger_word="TOK",
+    steps=1000,
+    learning_rate=4e-4,
+    batch_size=1,
+    resolution="512,768,1024",
+    lora_rank=16,
+    caption_dropout_rate=0.05,
+    optimizer="adamw8bit",
+    cache_latents_to_disk=False,
+    layers_to_optimize_regex=None,
+    gradient_checkpointing=False,
+    seed=None,
+    hf_repo_id=None,
+)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """One training's settings. The Hugging Face token is deliberately not a field: a config is saved."""
+
+    trigger_word: str
+    steps: int
+    learning_rate: float
+    batch_size: int
+    resolutions: tuple[int, ...]  # sorted, unique, multiples of RESOLUTION_STEP
+    lora_rank: int  # alpha = rank: the update is applied at scale 1
+    caption_dropout_rate: float
+    optimizer: str
+    cache_latents_to_disk: bool
+    layers_to_optimize_regex: str | None
+    gradient_checkpointing: bool
+    seed: int  # drawn when the user gave none, so the saved config reproduces the run
+    hf_repo_id: str | None
+    base_model: str = "dev"
+
+    @property
+    def lora_alpha(self) -> int:
+        return self.lora_rank
+
+    def to_json(self) -> dict:
+        """Every input as the user would send it again (resolution as text), and nothing secret."""
+        data = asdict(self)
+        data["resolution"] = ",".join(str(r) for r in data.pop("resolutions"))
+        data["lora_alpha"] = self.lora_alpha
+        return data
+
+
+def build_training_config(
+    *,
+    trigger_word: str = DEFAULTS["trigger_word"],
+    steps: int = DEFAULTS["steps"],
+    learning_rate: float = DEFAULTS["learning_rate"],
+    batch_size: int = DEFAULTS["batch_size"],
+    resolution: str = DEFAULTS["resolution"],
+    lora_rank: int = DEFAULTS["lora_rank"],
+    caption_dropout_rate: float = DEFAULTS["caption_dropout_rate"],
+    optimizer: str = DEFAULTS["optimizer"],
+    cache_latents_to_disk: bool = DEFAULTS["cache_latents_to_disk"],
+    layers_to_optimize_regex: str | None = DEFAULTS["layers_to_optimize_regex"],
+    gradient_checkpointing: bool = DEFAULTS["gradient_checkpointing"],
+    seed: int | None = DEFAULTS["seed"],
+    hf_repo_id: str | None = DEFAULTS["hf_repo_id"],
+    has_hf_token: bool = False,
+) -> TrainingConfig:
+    """Check every input; raise UserInputError naming the first bad field, before any heavy work."""
+    if not isinstance(trigger_word, str) or len(trigger_word) > 200 or "\n" in trigger_word:
+        raise UserInputError(
+            "trigger_word", trigger_word, "a short text on one line (at most 200 characters)"
+        )
+    _int_in_range("steps", steps, MIN_STEPS, MAX_STEPS)
+    if optimizer not in OPTIMIZERS:
+        raise UserInputError("optimizer", optimizer, f"allowed: {', '.join(OPTIMIZERS)}")
+    max_lr = MAX_PRODIGY_LEARNING_RATE if optimizer == "prodigy" else MAX_LEARNING_RATE
+    if not _is_number(learning_rate) or not 0 < learning_rate <= max_lr:
+        raise UserInputError(
+            "learning_rate",
+            learning_rate,
+            f"a number above 0 and at most {max_lr:g} for optimizer={optimizer}",
+        )
+    _int_in_range("batch_size", batch_size, MIN_BATCH, MAX_BATCH)
+    resolutions = parse_resolutions(resolution)
+    _int_in_range("lora_rank", lora_rank, MIN_RANK, MAX_RANK)
+    if not _is_number(caption_dropout_rate) or not 0 <= caption_dropout_rate <= 1:
+        raise UserInputError("caption_dropout_rate", caption_dropout_rate, "a number from 0 to 1")
+    _bool("cache_latents_to_disk", cache_latents_to_disk)
+    _bool("gradient_checkpointing", gradient_checkpointing)
+    regex = layers_to_optimize_regex.strip() if isinstance(layers_to_optimize_regex, str) else None
+    if layers_to_optimize_regex is not None and not isinstance(layers_to_optimize_regex, str):
+        raise UserInputError(
+            "layers_to_optimize_regex", layers_to_optimize_regex, "a regular expression or empty"
+        )
+    if regex:
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise UserInputError(
+                "layers_to_optimize_regex", regex, f"a valid Python regular expression ({exc})"
+            ) from exc
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "big")
+        log.info("no seed given; using seed %d (saved in config.json)", seed)
+    _int_in_range("seed", seed, 0, MAX_SEED)
+    repo_id = hf_repo_id.strip() if isinstance(hf_repo_id, str) and hf_repo_id.strip() else None
+    if hf_repo_id is not None and not isinstance(hf_repo_id, str):
+        raise UserInputError("hf_repo_id", hf_repo_id, "a Hugging Face repo id like 'your-name/my-flux-lora'")
+    if repo_id is not None:
+        if not _HF_REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
+            raise UserInputError(
+                "hf_repo_id", repo_id, "a Hugging Face repo id like 'your-name/my-flux-lora'"
+            )
+        if not has_hf_token:
+            raise UserInputError(
+                "hf_token", "(empty)", f"a Hugging Face write token is needed to push to hf_repo_id={repo_id}"
+            )
+    elif has_hf_token:
+        log.warning("hf_token given without hf_repo_id: nothing will be pushed to the Hugging Face Hub")
+    if optimizer == "prodigy" and learning_rate < 0.1:
+        log.warning(
+            "optimizer=prodigy with learning_rate=%g: prodigy finds its own step size and multiplies it "
+            "by learning_rate, so 1.0 is the usual value; small values train very slowly",
+            learning_rate,
+        )
+    return TrainingConfig(
+        trigger_word=trigger_word.strip(),
+        steps=steps,
+        learning_rate=float(learning_rate),
+        batch_size=batch_size,
+        resolutions=resolutions,
+        lora_rank=lora_rank,
+        caption_dropout_rate=float(caption_dropout_rate),
+        optimizer=optimizer,
+        cache_latents_to_disk=cache_latents_to_disk,
+        layers_to_optimize_regex=regex or None,
+        gradient_checkpointing=gradient_checkpointing,
+        seed=seed,
+        hf_repo_id=repo_id,
+    )
+
+
+def parse_resolutions(text: object, field: str = "resolution") -> tuple[int, ...]:
+    """'512,768,1024' -> (512, 768, 1024); sides are rounded to a multiple of 64 (logged)."""
+    allowed = f"comma-separated integers from {MIN_RESOLUTION} to {MAX_RESOLUTION}, e.g. '512,768,1024'"
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)
+    if not isinstance(text, str) or not text.strip():
+        raise UserInputError(field, text, allowed)
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not re.fullmatch(r"\d{1,5}", part):
+            raise UserInputError(field, text, f"{allowed}; {part!r} is not an integer")
+        value = int(part)
+        if not MIN_RESOLUTION <= value <= MAX_RESOLUTION:
+            raise UserInputError(field, text, f"{allowed}; {value} is out of range")
+        rounded = max(MIN_RESOLUTION, round(value / RESOLUTION_STEP) * RESOLUTION_STEP)
+        rounded = min(rounded, MAX_RESOLUTION)
+        if rounded != value:
+            log.info("%s: %d rounded to %d (a multiple of %d)", field, value, rounded, RESOLUTION_STEP)
+        values.append(rounded)
+    if not values:
+        raise UserInputError(field, text, allowed)
+    return tuple(sorted(set(values)))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_in_range(field: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UserInputError(field, value, f"an integer from {low} to {high}")
+
+
+def _bool(field: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise UserInputError(field, value, "true or false")

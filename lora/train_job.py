@@ -1,0 +1,139 @@
+"""One training job end to end: zip in, weights tar out (and optionally a Hugging Face repo).
+
+Order, cheapest checks first: the layer regex against the loaded transformer, the dataset, then the
+cache, the loop, previews, export and push. Temporary files (extracted images, the latent cache, the
+staging folder) live in one work folder that is removed however the job ends, cancellation included;
+the base transformer is left without the adapter and the encoders back on their device.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from flux.loading import FluxModels, load_flux
+from flux.variants import get_variant
+from lora.buckets import assign_buckets
+from lora.dataset import load_training_zip
+from lora.export import TAR_NAME, lora_metadata, write_tar, write_training_folder
+from lora.hub import model_card, push_to_hub
+from lora.previews import PreviewSettings, render_previews
+from lora.recipe import select_lora_targets
+from lora.train_cache import build_cache, move_encoders
+from lora.train_config import TrainingConfig
+from lora.training import lora_adapter, train_lora
+from weights.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+# Images far larger than the largest bucket are downscaled at decode time to bound host memory;
+# 2 x R^2 pixels still fit every bucket up to R without upscaling.
+KEEP_PIXELS_FACTOR = 2
+DEFAULT_PREVIEWS = PreviewSettings()
+
+
+def run_training(
+    config: TrainingConfig,
+    zip_path: Path,
+    output_dir: Path,
+    *,
+    hf_token: str | None = None,
+    models: FluxModels | None = None,
+    previews: PreviewSettings = DEFAULT_PREVIEWS,
+    log_every: int | None = None,
+) -> Path:
+    """Train a LoRA on FLUX.1 dev from the user's zip; return the weights tar in output_dir.
+
+    models: already loaded models to reuse (tests, notebooks); None loads dev and frees it after.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    own_models = models is None
+    work = Path(tempfile.mkdtemp(prefix="lora-train-"))
+    encoders_moved = False
+    try:
+        if models is None:
+            models = load_flux(("dev",))
+        variant = get_variant(config.base_model)
+        transformer = models.transformer_for(variant)
+        targets = select_lora_targets(transformer, config.layers_to_optimize_regex)
+        log.info("LoRA on %d linear layers", len(targets))
+
+        max_side = max(config.resolutions)
+        examples, report = load_training_zip(
+            zip_path, work, config.trigger_word, keep_pixels=KEEP_PIXELS_FACTOR * max_side * max_side
+        )
+        captions = [(e.source, e.caption) for e in examples]
+        samples = assign_buckets(
+            [e.image.size for e in examples], config.resolutions, [e.source for e in examples]
+        )
+        if not samples:
+            raise UserInputError("input_images", Path(zip_path).name, "images of at least 16x16 pixels")
+        cache = build_cache(
+            models,
+            [e.image for e in examples],
+            [e.caption for e in examples],
+            samples,
+            variant.max_sequence_length,
+            work / "cache" if config.cache_latents_to_disk else None,
+        )
+        del examples  # the decoded images are in the cache now
+        move_encoders(models, "cpu")
+        encoders_moved = True
+
+        staging = work / "trained_model"
+        with lora_adapter(transformer, config.lora_rank, targets, config.seed):
+            result = train_lora(
+                transformer,
+                cache,
+                samples,
+                config,
+                models.scheduler_configs[variant.name],
+                log_every=log_every,
+            )
+            move_encoders(models, models.device)
+            encoders_moved = False
+            preview_files = render_previews(models, config.trigger_word, staging / "previews", previews)
+
+        config_json = {
+            **config.to_json(),
+            "training": {
+                "optimizer_used": result.optimizer,
+                "gradient_checkpointing_used": result.gradient_checkpointing,
+                "lora_layers": len(result.target_modules),
+                "samples": len(samples),
+                "images_used": report.images_used,
+                "captions_from_txt": report.captions_from_txt,
+                "final_loss": result.losses[-1] if result.losses else None,
+                "seconds": round(result.seconds, 1),
+            },
+        }
+        write_training_folder(
+            staging,
+            lora_state=result.lora_state,
+            metadata=lora_metadata(config, result.target_modules, len(result.losses)),
+            config_json=config_json,
+            captions=captions,
+            losses=result.losses,
+        )
+        relative_previews = [(p.relative_to(staging).as_posix(), prompt) for p, prompt in preview_files]
+        if config.hf_repo_id:
+            (staging / "README.md").write_text(model_card(config, relative_previews), encoding="utf-8")
+        tar_path = write_tar(staging, output_dir / TAR_NAME)
+        if config.hf_repo_id and hf_token:
+            push_to_hub(staging, config.hf_repo_id, hf_token)
+        return tar_path
+    finally:
+        if encoders_moved and models is not None:
+            move_encoders(models, models.device)
+        shutil.rmtree(work, ignore_errors=True)
+        if own_models:
+            del models
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,220 @@
+"""The LoRA training loop on FLUX.1 dev: cached latents and embeddings in, LoRA tensors out.
+
+Reads top to bottom: add the adapter (fp32 LoRA parameters on the frozen base), choose memory
+savers, then per step: draw a batch from one bucket, noise it at sigmoid-normal timesteps, predict the
+velocity, MSE, clip gradients at 1.0, step. Constant learning rate (what the public trainers ship).
+Everything random comes from generators seeded with config.seed, so the same inputs give the same
+LoRA bytes on the same device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from lora.buckets import Sample, epoch_batches
+from lora.optimizers import build_optimizer
+from lora.recipe import TRAINING_GUIDANCE, flow_matching_loss, lora_config, sample_timesteps
+from lora.train_cache import TrainingCache
+from lora.train_config import TrainingConfig
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = "trained"
+MAX_GRAD_NORM = 1.0
+LOSS_SMOOTHING = 0.9  # exponential moving average of the logged loss
+# Gradient checkpointing is switched on by itself when the accelerator has less free memory than this
+# per megapixel-sample of the largest batch (a rough bound for FLUX.1 dev in bf16 with its activations
+# kept; bench/RESULTS.md has measurements).
+AUTO_CHECKPOINT_GIB_PER_MEGAPIXEL = 40.0
+
+
+@dataclass
+class TrainingResult:
+    lora_state: dict[str, torch.Tensor]  # PEFT keys with the `transformer.` prefix, fp16, on the CPU
+    target_modules: list[str]
+    losses: list[float]  # one per step
+    optimizer: str  # the optimizer really used (after any fallback)
+    gradient_checkpointing: bool
+    seconds: float
+
+
+@contextmanager
+def lora_adapter(transformer: torch.nn.Module, rank: int, targets: list[str], seed: int) -> Iterator[None]:
+    """Add a fresh LoRA (seeded init, fp32 parameters) to the transformer; remove it completely after."""
+    torch.manual_seed(seed)  # peft initialises lora_A from the global generator
+    transformer.add_adapter(lora_config(rank, targets), adapter_name=ADAPTER_NAME)
+    try:
+        for param in lora_parameters(transformer):
+            # fp32 LoRA weights on a bf16 base: updates of 1e-4 relative size vanish in bf16.
+            param.data = param.data.float()
+            param.requires_grad_(True)
+        yield
+    finally:
+        transformer.unload_lora()  # swaps the peft wrappers back for the original, untouched Linears
+        transformer.requires_grad_(False).eval()
+
+
+def lora_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in transformer.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+
+
+def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained LoRA as a diffusers/PEFT file expects it: `transformer.<module>.lora_A.weight`, fp16."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+    return {f"transformer.{k}": v.detach().to("cpu", torch.float16).contiguous() for k, v in state.items()}
+
+
+def train_lora(
+    transformer: torch.nn.Module,
+    cache: TrainingCache,
+    samples: list[Sample],
+    config: TrainingConfig,
+    scheduler_config: dict,
+    *,
+    log_every: int | None = None,
+) -> TrainingResult:
+    """Run config.steps optimizer steps on a transformer that already carries the adapter."""
+    device = next(transformer.parameters()).device
+    params = lora_parameters(transformer)
+    if not params:
+        raise RuntimeError("the transformer carries no LoRA parameters; use lora_adapter() first")
+    checkpointing = _use_checkpointing(config, device, samples)
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    optimizer, optimizer_used = build_optimizer(config.optimizer, params, config.learning_rate, device)
+    guidance = TRAINING_GUIDANCE if transformer.config.guidance_embeds else None
+    generator = torch.Generator("cpu").manual_seed(config.seed)  # CPU draws: same noise on every device
+    batches = _batches(samples, config.batch_size, random.Random(config.seed))
+    log_every = log_every or max(1, min(25, config.steps // 20))
+    log.info(
+        "training %d LoRA tensors (%.2fM parameters, rank %d) for %d steps, batch %d, optimizer %s, lr %g",
+        len(params),
+        sum(p.numel() for p in params) / 1e6,
+        config.lora_rank,
+        config.steps,
+        config.batch_size,
+        optimizer_used,
+        config.learning_rate,
+    )
+
+    losses: list[float] = []
+    smoothed = 0.0
+    started = last_log = time.perf_counter()
+    transformer.train()
+    try:
+        for step in range(1, config.steps + 1):
+            batch = next(batches)
+            latents, prompts, pooled = _load_batch(
+                batch, cache, samples, config.caption_dropout_rate, generator
+            )
+            noise = torch.randn(latents.shape, generator=generator)
+            seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
+            t = sample_timesteps(len(batch), seq_len, scheduler_config, generator)
+            loss = flow_matching_loss(
+                transformer, latents.to(device), noise.to(device), t, prompts, pooled, guidance
+            )
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"the loss became {loss.item()} at step {step}; lower learning_rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
+
+            losses.append(loss.item())
+            smoothed = LOSS_SMOOTHING * smoothed + (1 - LOSS_SMOOTHING) * losses[-1]
+            if step % log_every == 0 or step == config.steps:
+                now = time.perf_counter()
+                per_step = (now - last_log) / (log_every if step % log_every == 0 else step % log_every)
+                last_log = now
+                log.info(
+                    "step %d/%d | loss %.3f | lr %.1e | %.2f s/step | eta %s",
+                    step,
+                    config.steps,
+                    smoothed / (1 - LOSS_SMOOTHING**step),  # bias-corrected average
+                    optimizer.param_groups[0]["lr"],
+                    per_step,
+                    _duration(per_step * (config.steps - step)),
+                )
+    finally:
+        transformer.eval()
+        if checkpointing:
+            transformer.disable_gradient_checkpointing()
+        optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - started
+    log.info(
+        "trained %d steps in %s (%.2f steps/s)", config.steps, _duration(seconds), config.steps / seconds
+    )
+    return TrainingResult(
+        lora_state=lora_state_dict(transformer),
+        target_modules=[
+            n.removesuffix(".lora_A") for n, _ in transformer.named_modules() if n.endswith(".lora_A")
+        ],
+        losses=losses,
+        optimizer=optimizer_used,
+        gradient_checkpointing=checkpointing,
+        seconds=seconds,
+    )
+
+
+def _batches(samples: list[Sample], batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+    """Sample numbers, batch by batch, epoch after epoch."""
+    number_of = {id(s): i for i, s in enumerate(samples)}
+    while True:
+        for batch in epoch_batches(samples, batch_size, rng):
+            yield [number_of[id(s)] for s in batch]
+
+
+def _load_batch(
+    batch: list[int], cache: TrainingCache, samples: list[Sample], dropout: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    latents, prompts, pooled = [], [], []
+    drops = torch.rand(len(batch), generator=generator) < dropout
+    for number, drop in zip(batch, drops.tolist(), strict=True):
+        latents.append(cache.latents.get(str(number))["latents"])
+        caption = cache.empty_caption if drop else cache.caption_of_sample[number]
+        text = cache.texts.get(str(caption))
+        prompts.append(text["prompt"])
+        pooled.append(text["pooled"])
+    return torch.stack(latents), torch.stack(prompts), torch.stack(pooled)
+
+
+def _use_checkpointing(config: TrainingConfig, device: torch.device, samples: list[Sample]) -> bool:
+    if config.gradient_checkpointing:
+        log.info("gradient checkpointing on (requested)")
+        return True
+    if device.type != "cuda":
+        return False
+    free_gib = torch.cuda.mem_get_info(device)[0] / 2**30
+    megapixels = max(s.width * s.height for s in samples) / 1e6 * config.batch_size
+    needed_gib = AUTO_CHECKPOINT_GIB_PER_MEGAPIXEL * megapixels
+    if free_gib < needed_gib:
+        log.warning(
+            "gradient checkpointing switched on: %.1f GiB free on the GPU, about %.0f GiB needed without it "
+            "(largest bucket x batch_size = %.2f megapixels)",
+            free_gib,
+            needed_gib,
+            megapixels,
+        )
+        return True
+    return False
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
