@@ -14,6 +14,8 @@ from flux.output import save_images
 from flux.request import MAX_OUTPUTS, OUTPUT_FORMATS, build_request
 from flux.sizes import ASPECT_RATIOS, CUSTOM, MAX_SIDE, MEGAPIXELS, MIN_SIDE
 from flux.variants import VARIANTS, parse_variant_list
+from lora.serving import SCALE_RANGE, LoraManager, choose_loras
+from weights.lora_cache import default_lora_cache
 
 # Which variants setup() loads; each one more costs a transformer's memory (24 GB in bf16).
 ENV_VARIANTS = "FLUX_VARIANTS"
@@ -27,6 +29,7 @@ class Runner(BaseRunner):
             level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s"
         )
         self.models = load_flux(parse_variant_list(os.environ.get(ENV_VARIANTS, DEFAULT_VARIANTS)))
+        self.loras = LoraManager(self.models.transformers, default_lora_cache())
 
     def run(
         self,
@@ -84,6 +87,24 @@ class Runner(BaseRunner):
         mask: Path = Input(
             description="Inpainting mask for image: white is repainted, black kept.", default=None
         ),
+        lora_weights: str = Input(
+            description="A LoRA: Hugging Face repo or file, Replicate model, CivitAI URL, https URL to a"
+            " .safetensors or a trained .tar/.zip, or a data: URL.",
+            default=None,
+        ),
+        replicate_weights: str = Input(
+            description="Same as lora_weights (the name trained versions on Replicate use).", default=None
+        ),
+        lora_scale: float = Input(
+            description="Strength of the LoRA; 0 gives the base model.",
+            default=1.0,
+            ge=SCALE_RANGE[0],
+            le=SCALE_RANGE[1],
+        ),
+        extra_lora: str = Input(description="A second LoRA applied together with the first.", default=None),
+        extra_lora_scale: float = Input(
+            description="Strength of extra_lora.", default=1.0, ge=SCALE_RANGE[0], le=SCALE_RANGE[1]
+        ),
     ) -> list[Path]:
         request = build_request(
             prompt=prompt,
@@ -102,6 +123,8 @@ class Runner(BaseRunner):
             prompt_strength=prompt_strength,
             mask=_local(mask),
         )
+        loras = choose_loras(lora_weights, replicate_weights, lora_scale, extra_lora, extra_lora_scale)
+        self.loras.activate(request.variant.name, loras)
         result = generate(self.models, request)
         out_dir = LocalPath(tempfile.mkdtemp(prefix="flux-out-"))
         paths = save_images(result.images, out_dir, request.output_format, request.output_quality)

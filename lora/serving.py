@@ -1,0 +1,113 @@
+"""LoRAs at inference: from the request's references to fused weights, doing nothing when nothing changed.
+
+Per request: each reference is fetched (weights/lora_source.py: cached on disk, so a known one costs a
+lookup), read into canonical form (kept in memory for the last few files, so an unchanged file is not
+parsed again), and handed to the variant's LoraFuser, which changes weights only when the set of
+(file, scale) differs from what is fused now.
+"""
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora.apply import LoraFuser
+from lora.formats import CanonicalLora, read_lora_file
+from weights.errors import UserInputError
+from weights.lora_cache import LoraCache
+from weights.lora_source import fetch_lora
+
+log = logging.getLogger(__name__)
+
+SCALE_RANGE = (-1.0, 3.0)
+PARSED_KEEP = 4  # canonical LoRAs kept in memory: the active pair plus a couple to switch back to
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    field: str  # the input that named it, for error messages
+    reference: str
+    scale: float
+
+
+def choose_loras(
+    lora_weights: str | None,
+    replicate_weights: str | None,
+    lora_scale: float,
+    extra_lora: str | None,
+    extra_lora_scale: float,
+) -> list[LoraChoice]:
+    """Validate the LoRA inputs; `replicate_weights` is the name trained versions use for `lora_weights`."""
+    lora_weights, replicate_weights, extra_lora = (
+        _blank_to_none(v) for v in (lora_weights, replicate_weights, extra_lora)
+    )
+    if lora_weights and replicate_weights and lora_weights != replicate_weights:
+        raise UserInputError(
+            "replicate_weights",
+            replicate_weights,
+            f"same meaning as lora_weights ({lora_weights!r}): send only one",
+        )
+    main_field = "lora_weights" if lora_weights else "replicate_weights"
+    main = lora_weights or replicate_weights
+    _check_scale("lora_scale", lora_scale)
+    _check_scale("extra_lora_scale", extra_lora_scale)
+    choices = []
+    if main:
+        choices.append(LoraChoice(main_field, main, float(lora_scale)))
+    if extra_lora:
+        choices.append(LoraChoice("extra_lora", extra_lora, float(extra_lora_scale)))
+    return choices
+
+
+class LoraManager:
+    def __init__(self, transformers: dict[str, torch.nn.Module], cache: LoraCache):
+        self._transformers = transformers
+        self._fusers = {name: LoraFuser(transformer) for name, transformer in transformers.items()}
+        self._cache = cache
+        self._parsed: OrderedDict[tuple, CanonicalLora] = OrderedDict()
+        self.files_read = 0  # how many times a LoRA file was parsed (tests check unchanged ones are not)
+
+    def activate(self, variant: str, choices: list[LoraChoice]) -> bool:
+        """Fuse exactly `choices` into the variant's transformer; True if its weights changed."""
+        requested = []
+        for choice in choices:
+            path = fetch_lora(choice.reference, self._cache, choice.field)
+            key, lora = self._read(variant, path, choice.field)
+            requested.append((key, lora, choice.scale))
+        changed = self._fusers[variant].set_loras(requested)
+        if changed:
+            log.info(
+                "LoRAs on %s: %s",
+                variant,
+                ", ".join(f"{c.reference} x {c.scale:g}" for c in choices) or "none",
+            )
+        return changed
+
+    def _read(self, variant: str, path: Path, field: str) -> tuple[str, CanonicalLora]:
+        # Not the mtime: the cache touches it on every hit (LRU). A new download is a new inode (atomic rename).
+        stat = path.stat()
+        identity = f"{path}:{stat.st_ino}:{stat.st_size}"
+        slot = (variant, identity)
+        if slot in self._parsed:
+            self._parsed.move_to_end(slot)
+            return identity, self._parsed[slot]
+        lora = read_lora_file(path, self._transformers[variant], field)
+        self.files_read += 1
+        self._parsed[slot] = lora
+        while len(self._parsed) > PARSED_KEEP:
+            self._parsed.popitem(last=False)
+        return identity, lora
+
+
+def _blank_to_none(value: str | None) -> str | None:
+    return value.strip() or None if isinstance(value, str) else value
+
+
+def _check_scale(field: str, value: object) -> None:
+    low, high = SCALE_RANGE
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not low <= value <= high:
+        raise UserInputError(field, value, f"a number from {low:g} to {high:g}")

@@ -1,0 +1,44 @@
+"""LoraManager on the tiny model: unchanged LoRAs cost nothing, and the choice rules."""
+
+import pytest
+import torch
+from lora_fixtures import known_update, save, to_peft
+
+from lora.serving import LoraChoice, LoraManager, choose_loras
+from weights.errors import UserInputError
+from weights.lora_cache import LoraCache
+
+
+def test_an_unchanged_lora_is_not_read_or_fused_again(tiny_models, tmp_path):
+    transformer = tiny_models.transformers["schnell"]
+    shapes = {
+        n: tuple(m.weight.shape)
+        for n, m in transformer.named_modules()
+        if isinstance(m, torch.nn.Linear) and "blocks." in n
+    }
+    path = save(tmp_path / "a.safetensors", *to_peft(known_update(shapes, seed=3)))
+    manager = LoraManager({"schnell": transformer}, LoraCache(tmp_path / "cache", 10**9))
+    base = {n: p.clone() for n, p in transformer.state_dict().items()}
+    try:
+        assert manager.activate("schnell", [LoraChoice("lora_weights", str(path), 1.0)]) is True
+        assert manager.activate("schnell", [LoraChoice("lora_weights", str(path), 1.0)]) is False
+        assert manager.files_read == 1
+        assert manager.activate("schnell", [LoraChoice("lora_weights", str(path), 0.5)]) is True
+        assert manager.files_read == 1  # a new scale re-fuses, but the file is not parsed again
+    finally:
+        manager.activate("schnell", [])
+    assert all(torch.equal(base[n], p) for n, p in transformer.state_dict().items())
+
+
+def test_choose_loras_rules():
+    assert choose_loras(None, None, 1.0, None, 1.0) == []
+    assert choose_loras("", "  ", 1.0, None, 1.0) == []
+    assert choose_loras(None, "o/m", 0.5, "x/y", -1) == [
+        LoraChoice("replicate_weights", "o/m", 0.5),
+        LoraChoice("extra_lora", "x/y", -1.0),
+    ]
+    assert choose_loras("o/m", "o/m", 1, None, 1) == [LoraChoice("lora_weights", "o/m", 1.0)]
+    with pytest.raises(UserInputError, match="lora_scale: got nan"):
+        choose_loras("o/m", None, float("nan"), None, 1)
+    with pytest.raises(UserInputError, match="extra_lora_scale: got 3.01"):
+        choose_loras(None, None, 1, "x/y", 3.01)
