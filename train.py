@@ -22,6 +22,7 @@ from lora.train_config import (
     OPTIMIZERS,
     build_training_config,
 )
+from lora.previews import preview_settings_from_env
 from lora.train_job import run_training
 
 
@@ -124,5 +125,7 @@ def train(
         has_hf_token=bool(token),
     )
     out_dir = LocalPath(tempfile.mkdtemp(prefix="lora-out-"))
-    tar = run_training(config, LocalPath(input_images), out_dir, hf_token=token)
+    tar = run_training(
+        config, LocalPath(input_images), out_dir, hf_token=token, previews=preview_settings_from_env()
+    )
     return TrainingOutput(weights=Path(tar))

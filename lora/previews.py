@@ -8,6 +8,7 @@ that still carries the trained adapter. A failure here is logged and never costs
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from flux.loading import FluxModels
 from flux.request import build_request
 
 log = logging.getLogger(__name__)
+
+ENV_PREVIEW_STEPS = "LORA_PREVIEW_STEPS"
 
 PREVIEW_PROMPTS = (
     "a photo of {trigger}",
@@ -33,6 +36,17 @@ class PreviewSettings:
     steps: int = 20
     guidance: float = 3.5  # the inference default of trained FLUX.1 dev versions
     output_format: str = "webp"
+
+
+def preview_settings_from_env() -> PreviewSettings:
+    """Operators can make previews cheaper: LORA_PREVIEW_STEPS=N denoising steps (0: no previews)."""
+    raw = os.environ.get(ENV_PREVIEW_STEPS, "").strip()
+    if not raw:
+        return PreviewSettings()
+    if not raw.isdigit() or int(raw) > 50:
+        raise ValueError(f"{ENV_PREVIEW_STEPS}={raw!r}: expected an integer from 0 to 50")
+    steps = int(raw)
+    return PreviewSettings(count=0) if steps == 0 else PreviewSettings(steps=steps)
 
 
 def preview_prompts(trigger_word: str, count: int) -> list[str]:

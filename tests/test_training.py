@@ -21,7 +21,7 @@ from lora.recipe import block_linear_names, sample_timesteps, select_lora_target
 from lora.train_config import build_training_config, parse_resolutions
 from lora.train_job import run_training
 from lora.training import lora_adapter
-from tests.training_helpers import build_tiny, make_zip
+from tests.training_helpers import make_zip
 from weights.errors import UserInputError
 
 FAST_PREVIEWS = PreviewSettings(count=2, steps=1, width=256, height=256)
@@ -176,15 +176,9 @@ def test_prodigy_used_when_present_else_adamw(monkeypatch, caplog):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from flux.loading import load_flux
-
-    folder = build_tiny(tmp_path_factory.mktemp("tiny"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FLUX_WEIGHTS_DIR", str(folder))
-        patch.setenv("FLUX_ALLOW_DOWNLOAD", "0")
-        models = load_flux(("dev",), torch.device("cpu"), torch.float32)
-    return models
+def tiny(tiny_models):
+    """The session's tiny models (conftest); every training here must leave them as it found them."""
+    return tiny_models
 
 
 @pytest.fixture(scope="module")

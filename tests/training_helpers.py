@@ -1,4 +1,4 @@
-"""Shared pieces of the training tests: a small image zip and the tiny model on disk."""
+"""Shared pieces of the training tests: a small zip of images, some with captions."""
 
 import io
 import zipfile
@@ -26,9 +26,3 @@ def make_zip(path: Path, images=IMAGES) -> Path:
             if caption is not None:
                 archive.writestr(f"photos/img{index}.txt", caption)
     return path
-
-
-def build_tiny(folder: Path) -> Path:
-    from flux.tiny import build_tiny_model
-
-    return build_tiny_model(folder)

@@ -1,0 +1,77 @@
+"""train.py through the real Cog HTTP server in train mode (`--x-mode train`) on the tiny model."""
+
+import base64
+import io
+import json
+import tarfile
+
+import pytest
+from safetensors import safe_open
+
+from tests.training_helpers import make_zip
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def train_server(tiny_env, tmp_path_factory):
+    from cog_local import cog_server
+
+    log_path = tmp_path_factory.mktemp("server") / "train-server.log"
+    # One denoising step per preview keeps the previews' path exercised but cheap on the CPU.
+    with cog_server("train", env={**tiny_env, "LORA_PREVIEW_STEPS": "1"}, log_path=log_path) as url:
+        yield url
+
+
+def zip_data_url(tmp_path) -> str:
+    raw = make_zip(tmp_path / "photos.zip").read_bytes()
+    return f"data:application/zip;base64,{base64.b64encode(raw).decode()}"
+
+
+def test_training_through_cog_returns_the_tar(train_server, tmp_path):
+    from cog_local import decode_data_url, run_job
+
+    inputs = {
+        "input_images": zip_data_url(tmp_path),
+        "trigger_word": "ZQX",
+        "steps": 3,
+        "resolution": "256",
+        "lora_rank": 2,
+        "seed": 4,
+        "optimizer": "adamw8bit",
+        "hf_token": "hf_never_in_logs_123",
+    }
+    result = run_job(train_server, "train", inputs, timeout=600)
+    assert result["status"] == "succeeded", result.get("error")
+    assert set(result["output"]) == {"weights"}
+    raw = decode_data_url(result["output"]["weights"])
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        names = set(tar.getnames())
+        config = json.loads(tar.extractfile("config.json").read())
+        (tmp_path / "lora.safetensors").write_bytes(tar.extractfile("lora.safetensors").read())
+    assert {"lora.safetensors", "config.json", "captions.txt", "loss.png"} <= names
+    assert {f"previews/preview-{i}.webp" for i in range(3)} <= names
+    assert (config["trigger_word"], config["steps"], config["lora_rank"]) == ("ZQX", 3, 2)
+    assert config["training"]["optimizer_used"] == "adamw"  # no bitsandbytes on the CPU: the named fallback
+    with safe_open(tmp_path / "lora.safetensors", "pt") as f:
+        assert f.metadata()["trigger_word"] == "ZQX"
+        assert all(k.startswith("transformer.") and ".lora_" in k for k in f.keys())
+    logs = result.get("logs") or ""
+    assert "step 3/3 | loss" in logs
+    assert "falling back to optimizer adamw" in logs
+    assert "hf_never_in_logs_123" not in logs + json.dumps(config)
+
+
+def test_bad_input_fails_with_the_field_named(train_server, tmp_path):
+    from cog_local import run_job
+
+    result = run_job(train_server, "train", {"input_images": zip_data_url(tmp_path), "resolution": "12,abc"})
+    assert result["status"] == "failed"
+    assert "resolution" in result["error"]
+    result = run_job(
+        train_server,
+        "train",
+        {"input_images": zip_data_url(tmp_path), "hf_repo_id": "me/my-lora", "steps": 3},
+    )
+    assert result["status"] == "failed"
+    assert "hf_token" in result["error"]
