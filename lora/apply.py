@@ -113,10 +113,10 @@ class LoraFuser:
             self._keep_original(name, weight)
             self._modified.add(name)
             # Sum in float32 and round to the weight's dtype once: W0 + delta, not W0 + round(delta).
-            total = weight.float()
+            total = weight.to(torch.float32, copy=True)
             for update, scale in updates:
-                total.add_(update.delta(weight.device), alpha=scale)
-            weight.copy_(total.to(weight.dtype))
+                update.add_to(total, scale)
+            weight.copy_(total)
 
     def _keep_original(self, name: str, weight: torch.Tensor) -> None:
         if name in self._originals:

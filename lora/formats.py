@@ -66,11 +66,17 @@ class LoraUpdate:
         """(out_features, in_features) of the module this update fits."""
         return (int(self.up.shape[0]), int(self.down.shape[1]))
 
+    def add_to(self, target: torch.Tensor, scale: float = 1.0) -> None:
+        """target += scale * delta_W, in place, in target's dtype and device (float32 for fusing)."""
+        up = self.up.to(device=target.device, dtype=target.dtype)
+        down = self.down.to(device=target.device, dtype=target.dtype)
+        target.addmm_(up, down, alpha=scale * self.alpha / self.rank)
+
     def delta(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The float32 weight update at scale 1, on `device`."""
-        up = self.up.to(device=device, dtype=torch.float32)
-        down = self.down.to(device=device, dtype=torch.float32)
-        return (up @ down).mul_(self.alpha / self.rank)
+        out = torch.zeros(self.shape, dtype=torch.float32, device=device)
+        self.add_to(out)
+        return out
 
 
 CanonicalLora = dict[str, LoraUpdate]

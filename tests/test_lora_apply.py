@@ -141,10 +141,8 @@ def test_an_unchanged_set_is_not_reapplied(model, shapes, monkeypatch):
     lora_a, lora_b = _lora(shapes, seed=9), _lora(shapes, seed=10)
     fuser = LoraFuser(model)
     calls = []
-    original_delta = LoraUpdate.delta
-    monkeypatch.setattr(
-        LoraUpdate, "delta", lambda self, device=None: calls.append(1) or original_delta(self, device)
-    )
+    original = LoraUpdate.add_to
+    monkeypatch.setattr(LoraUpdate, "add_to", lambda self, *args: calls.append(1) or original(self, *args))
     assert fuser.set_loras([("a", lora_a, 1.0), ("b", lora_b, 0.5)])
     assert len(calls) == 2 * len(shapes)
     weight = model.proj_out.weight
@@ -173,20 +171,20 @@ def test_a_failure_half_way_restores_the_base(model, inputs, shapes, monkeypatch
     fuser.set_loras([("a", lora_a, 1.0)])
     first_a = fx.run(model, inputs)
     calls = []
-    original_delta = LoraUpdate.delta
+    original = LoraUpdate.add_to
 
-    def failing(self, device=None):
+    def failing(self, *args):
         calls.append(1)
         if len(calls) == 10:
             raise RuntimeError("out of memory (simulated)")
-        return original_delta(self, device)
+        return original(self, *args)
 
-    monkeypatch.setattr(LoraUpdate, "delta", failing)
+    monkeypatch.setattr(LoraUpdate, "add_to", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         fuser.set_loras([("b", lora_b, 1.0)])
     assert _same_weights(model, base_weights)
     assert fuser.active == ()
-    monkeypatch.setattr(LoraUpdate, "delta", original_delta)
+    monkeypatch.setattr(LoraUpdate, "add_to", original)
     assert fuser.set_loras([("a", lora_a, 1.0)])
     assert torch.equal(fx.run(model, inputs), first_a)
 
