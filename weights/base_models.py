@@ -74,7 +74,7 @@ def resolve_base_weights(variant_folder: str, hf_repo: str, gated: bool) -> Path
             log.info("base weights for %s: %s", variant_folder, folder)
             return folder
     target = PROJECT_MODELS_DIR / variant_folder
-    if os.environ.get(ENV_ALLOW_DOWNLOAD, "1") == "0":
+    if not downloads_allowed():
         raise _not_found(
             variant_folder, hf_repo, gated, candidates, f"downloads are off ({ENV_ALLOW_DOWNLOAD}=0)"
         )
@@ -86,23 +86,32 @@ def resolve_base_weights(variant_folder: str, hf_repo: str, gated: bool) -> Path
 
 def download_base_weights(hf_repo: str, target: Path) -> Path:
     """Fetch the pipeline's files from the Hub; interrupted downloads resume on the next call."""
-    from huggingface_hub import snapshot_download
-
     log.info("downloading %s to %s (only the diffusers pipeline files)", hf_repo, target)
-    snapshot_download(
-        repo_id=hf_repo,
-        local_dir=target,
-        allow_patterns=PIPELINE_FILES,
-        token=os.environ.get("HF_TOKEN") or None,
-    )
+    fetch_snapshot(hf_repo, target, PIPELINE_FILES)
     if not is_complete(target):
         raise WeightsNotFoundError(f"{hf_repo} downloaded to {target} but components are missing")
     return target
 
 
-def download_command(hf_repo: str, target: Path) -> str:
-    patterns = " ".join(f"--include '{p}'" for p in PIPELINE_FILES)
-    return f"hf download {hf_repo} --local-dir {target} {patterns}"
+def downloads_allowed() -> bool:
+    return os.environ.get(ENV_ALLOW_DOWNLOAD, "1") != "0"
+
+
+def fetch_snapshot(hf_repo: str, target: Path, patterns: list[str]) -> None:
+    """The files of `hf_repo` matching `patterns` into `target`; shared with the helper models' weights."""
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(
+        repo_id=hf_repo,
+        local_dir=target,
+        allow_patterns=patterns,
+        token=os.environ.get("HF_TOKEN") or None,
+    )
+
+
+def download_command(hf_repo: str, target: Path, patterns: list[str] = PIPELINE_FILES) -> str:
+    includes = " ".join(f"--include '{p}'" for p in patterns)
+    return f"hf download {hf_repo} --local-dir {target} {includes}"
 
 
 def _not_found(
