@@ -11,6 +11,7 @@ from pathlib import Path as LocalPath
 
 from cog import BaseModel, Input, Path, Secret
 
+from lora.previews import preview_settings_from_env
 from lora.train_config import (
     DEFAULTS,
     MAX_BATCH,
@@ -22,7 +23,6 @@ from lora.train_config import (
     OPTIMIZERS,
     build_training_config,
 )
-from lora.previews import preview_settings_from_env
 from lora.train_job import run_training
 
 

@@ -269,7 +269,7 @@ def test_base_transformer_left_clean(trained, tiny):
     assert not any(p.requires_grad for p in transformer.parameters())
 
 
-def test_same_seed_same_bytes_memory_or_disk_cache(tiny, data_zip, tmp_path, trained):
+def test_same_seed_same_bytes_memory_or_disk_cache(tiny, data_zip, tmp_path):
     common = dict(steps=3, lora_rank=2, resolution="256", seed=11, optimizer="adamw")
     files = []
     for index, on_disk in enumerate((False, True)):
@@ -277,11 +277,7 @@ def test_same_seed_same_bytes_memory_or_disk_cache(tiny, data_zip, tmp_path, tra
         tar_path = run_training(config, data_zip, tmp_path / str(index), models=tiny, previews=NO_PREVIEWS)
         with tarfile.open(tar_path) as tar:
             files.append(tar.extractfile("lora.safetensors").read())
-    assert files[0] == files[1]
-    other = build_training_config(**{**common, "seed": 12})
-    tar_path = run_training(other, data_zip, tmp_path / "other", models=tiny, previews=NO_PREVIEWS)
-    with tarfile.open(tar_path) as tar:
-        assert tar.extractfile("lora.safetensors").read() != files[0]
+    assert files[0] == files[1]  # the same seed gives the same bytes, cached in memory or on disk
 
 
 def test_layers_regex_filters_and_no_match_lists_layers(tiny, data_zip, tmp_path):
@@ -303,6 +299,7 @@ def test_layers_regex_filters_and_no_match_lists_layers(tiny, data_zip, tmp_path
         resolution="256",
         seed=1,
         layers_to_optimize_regex="single_transformer_blocks.1.proj_out",
+        gradient_checkpointing=True,  # and gradients still reach the LoRA through checkpointed blocks
     )
     tar_path = run_training(config, data_zip, tmp_path, models=tiny, previews=NO_PREVIEWS)
     with tarfile.open(tar_path) as tar, open(tmp_path / "l.safetensors", "wb") as out:
@@ -312,6 +309,8 @@ def test_layers_regex_filters_and_no_match_lists_layers(tiny, data_zip, tmp_path
             "transformer.single_transformer_blocks.1.proj_out.lora_A.weight",
             "transformer.single_transformer_blocks.1.proj_out.lora_B.weight",
         ]
+        assert f.get_tensor("transformer.single_transformer_blocks.1.proj_out.lora_B.weight").abs().sum() > 0
+    assert not tiny.transformers["dev"].is_gradient_checkpointing
 
 
 def test_adapter_removed_even_when_training_fails(tiny):
