@@ -12,6 +12,7 @@ import gc
 import logging
 import shutil
 import tempfile
+import traceback
 from pathlib import Path
 
 import torch
@@ -128,6 +129,12 @@ def run_training(
         if config.hf_repo_id and hf_token:
             push_to_hub(staging, config.hf_repo_id, hf_token)
         return tar_path
+    except BaseException as error:  # Cog's CancelationException is a BaseException
+        # The traceback keeps every frame it passed through alive, and with them the optimizer state,
+        # the LoRA and the activations, until the caller drops the exception (for Cog: after the
+        # cancel is reported). Clearing those frames now lets the cleanup below really free them.
+        traceback.clear_frames(error.__traceback__)
+        raise
     finally:
         if encoders_moved and models is not None:
             move_encoders(models, models.device)
