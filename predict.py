@@ -12,6 +12,7 @@ from flux.generate import generate
 from flux.loading import load_flux
 from flux.output import save_images
 from flux.request import MAX_OUTPUTS, OUTPUT_FORMATS, build_request
+from flux.safety import SafetyChecker, screen_images
 from flux.sizes import ASPECT_RATIOS, CUSTOM, MAX_SIDE, MEGAPIXELS, MIN_SIDE
 from flux.variants import VARIANTS, parse_variant_list
 from lora.serving import SCALE_RANGE, LoraManager, choose_loras
@@ -30,6 +31,7 @@ class Runner(BaseRunner):
         )
         self.models = load_flux(parse_variant_list(os.environ.get(ENV_VARIANTS, DEFAULT_VARIANTS)))
         self.loras = LoraManager(self.models.transformers, default_lora_cache())
+        self.safety = SafetyChecker.load(self.models.device)
 
     def run(
         self,
@@ -105,6 +107,9 @@ class Runner(BaseRunner):
         extra_lora_scale: float = Input(
             description="Strength of extra_lora.", default=1.0, ge=SCALE_RANGE[0], le=SCALE_RANGE[1]
         ),
+        disable_safety_checker: bool = Input(
+            description="Skip the NSFW check of generated images (it drops flagged images).", default=False
+        ),
     ) -> list[Path]:
         request = build_request(
             prompt=prompt,
@@ -126,8 +131,9 @@ class Runner(BaseRunner):
         loras = choose_loras(lora_weights, replicate_weights, lora_scale, extra_lora, extra_lora_scale)
         self.loras.activate(request.variant.name, loras)
         result = generate(self.models, request)
+        images = screen_images(result.images, self.safety, disable_safety_checker)
         out_dir = LocalPath(tempfile.mkdtemp(prefix="flux-out-"))
-        paths = save_images(result.images, out_dir, request.output_format, request.output_quality)
+        paths = save_images(images, out_dir, request.output_format, request.output_quality)
         return [Path(p) for p in paths]
 
 

@@ -23,9 +23,12 @@ install() {
 
 with_tiny_model() {
   # Without an explicit weights folder, run on the built-in tiny model and never download.
+  # The helper models (safety checker, autocaption) come in tiny versions too.
   if [ -z "${FLUX_WEIGHTS_DIR:-}" ]; then
     .venv/bin/python -m flux.tiny weights/tiny --if-missing >/dev/null
-    export FLUX_WEIGHTS_DIR="$PWD/weights/tiny" FLUX_ALLOW_DOWNLOAD="${FLUX_ALLOW_DOWNLOAD:-0}"
+    .venv/bin/python -m flux.tiny_helpers weights/tiny --if-missing >/dev/null
+    export FLUX_WEIGHTS_DIR="$PWD/weights/tiny" FLUX_HELPER_WEIGHTS_DIR="$PWD/weights/tiny"
+    export FLUX_ALLOW_DOWNLOAD="${FLUX_ALLOW_DOWNLOAD:-0}" FLUX_AUTOCAPTION_MAX_TOKENS="${FLUX_AUTOCAPTION_MAX_TOKENS:-16}"
   fi
 }
 

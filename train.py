@@ -34,7 +34,7 @@ def train(
     input_images: Path = Input(
         description="A zip of training images (jpg, png, webp, ...), optionally with a same-named .txt "
         "caption each; `[trigger]` in a caption becomes the trigger word. Images without a caption are "
-        "captioned with the trigger word alone."
+        "captioned by autocaption, or with the trigger word alone when autocaption is off."
     ),
     trigger_word: str = Input(
         description="A word that is not a real word (like TOK) that stands for what you train; added to "
@@ -94,6 +94,19 @@ def train(
         description="Trade speed for memory; switched on by itself when GPU memory is short.",
         default=DEFAULTS["gradient_checkpointing"],
     ),
+    autocaption: bool = Input(
+        description="Caption images that have no .txt with a vision-language model (Florence-2); images "
+        "with a .txt keep it. Off: such images are captioned with the trigger word alone.",
+        default=DEFAULTS["autocaption"],
+    ),
+    autocaption_prefix: str = Input(
+        description="Text put before every automatic caption, e.g. 'a photo of TOK,'.",
+        default=DEFAULTS["autocaption_prefix"],
+    ),
+    autocaption_suffix: str = Input(
+        description="Text put after every automatic caption, e.g. 'in the style of TOK'.",
+        default=DEFAULTS["autocaption_suffix"],
+    ),
     seed: int = Input(
         description="Random seed; empty draws one (saved in config.json).", default=DEFAULTS["seed"]
     ),
@@ -122,6 +135,9 @@ def train(
         gradient_checkpointing=gradient_checkpointing,
         seed=seed,
         hf_repo_id=hf_repo_id,
+        autocaption=autocaption,
+        autocaption_prefix=autocaption_prefix,
+        autocaption_suffix=autocaption_suffix,
         has_hf_token=bool(token),
     )
     out_dir = LocalPath(tempfile.mkdtemp(prefix="lora-out-"))

@@ -40,7 +40,9 @@ def main() -> None:
             times = []
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
-                result = run_job(url, "predict", {"prompt": "a red circle on a white background", "seed": 1, **inputs})
+                result = run_job(
+                    url, "predict", {"prompt": "a red circle on a white background", "seed": 1, **inputs}
+                )
                 assert result["status"] == "succeeded", result.get("error")
                 times.append(time.perf_counter() - t0)
             rows.append((f"{name} (median of {args.repeat})", statistics.median(times)))

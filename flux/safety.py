@@ -17,6 +17,7 @@ from typing import TypeVar
 import torch
 from PIL import Image
 
+from weights.errors import UserInputError
 from weights.helper_models import SAFETY_CHECKER, resolve_helper_weights
 
 log = logging.getLogger(__name__)
@@ -106,3 +107,12 @@ def filter_images(images: Sequence[T], flagged: Sequence[bool]) -> list[T]:
             " disable_safety_checker=true"
         )
     return kept
+
+
+def screen_images(images: Sequence[T], checker: SafetyChecker, disabled: object = False) -> list[T]:
+    """What predict returns: all images when the checker is disabled (it is not run), else the unflagged."""
+    if not isinstance(disabled, bool):
+        raise UserInputError("disable_safety_checker", disabled, "true or false")
+    if disabled:
+        return list(images)
+    return filter_images(images, checker.flagged(images))

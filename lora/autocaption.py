@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from lora.dataset import TrainingExample, caption_with_trigger
 from weights.helper_models import CAPTIONER, resolve_helper_weights
 
 log = logging.getLogger(__name__)
+ENV_MAX_NEW_TOKENS = "FLUX_AUTOCAPTION_MAX_TOKENS"
 
 TASK = "<MORE_DETAILED_CAPTION>"
 MAX_NEW_TOKENS = 256  # Florence-2's paragraph captions run 60-150 tokens; this bounds a runaway generation
@@ -147,7 +149,9 @@ def autocaption_dataset(
     if not any(needs_caption(example) for example in examples):
         log.info("autocaption: every image has a .txt caption; the captioner is not loaded")
         return list(examples)
-    captioner = Captioner.load(device, folder)
+    # Long detailed captions are what FLUX prompts like; the knob exists for CPU runs of the tiny captioner.
+    max_new_tokens = int(os.environ.get(ENV_MAX_NEW_TOKENS, MAX_NEW_TOKENS))
+    captioner = Captioner.load(device, folder, max_new_tokens=max_new_tokens)
     try:
         return autocaption_examples(examples, captioner, trigger_word, prefix, suffix)
     finally:

@@ -43,6 +43,9 @@ DEFAULTS = dict(
     gradient_checkpointing=False,
     seed=None,
     hf_repo_id=None,
+    autocaption=True,
+    autocaption_prefix=None,
+    autocaption_suffix=None,
 )
 
 
@@ -64,6 +67,9 @@ class TrainingConfig:
     seed: int  # drawn when the user gave none, so the saved config reproduces the run
     hf_repo_id: str | None
     base_model: str = "dev"
+    autocaption: bool = True  # caption images without a .txt with a vision-language model
+    autocaption_prefix: str | None = None  # added in code: captioners drop instructions to add them
+    autocaption_suffix: str | None = None
 
     @property
     def lora_alpha(self) -> int:
@@ -92,6 +98,9 @@ def build_training_config(
     gradient_checkpointing: bool = DEFAULTS["gradient_checkpointing"],
     seed: int | None = DEFAULTS["seed"],
     hf_repo_id: str | None = DEFAULTS["hf_repo_id"],
+    autocaption: bool = DEFAULTS["autocaption"],
+    autocaption_prefix: str | None = DEFAULTS["autocaption_prefix"],
+    autocaption_suffix: str | None = DEFAULTS["autocaption_suffix"],
     has_hf_token: bool = False,
 ) -> TrainingConfig:
     """Check every input; raise UserInputError naming the first bad field, before any heavy work."""
@@ -152,6 +161,7 @@ def build_training_config(
             "by learning_rate, so 1.0 is the usual value; small values train very slowly",
             learning_rate,
         )
+    _bool("autocaption", autocaption)
     return TrainingConfig(
         trigger_word=trigger_word.strip(),
         steps=steps,
@@ -166,6 +176,9 @@ def build_training_config(
         gradient_checkpointing=gradient_checkpointing,
         seed=seed,
         hf_repo_id=repo_id,
+        autocaption=autocaption,
+        autocaption_prefix=_affix("autocaption_prefix", autocaption_prefix),
+        autocaption_suffix=_affix("autocaption_suffix", autocaption_suffix),
     )
 
 
@@ -203,6 +216,15 @@ def _is_number(value: object) -> bool:
 def _int_in_range(field: str, value: object, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise UserInputError(field, value, f"an integer from {low} to {high}")
+
+
+def _affix(field: str, value: object) -> str | None:
+    """An autocaption prefix/suffix: one short line, or None when empty."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str) or len(value) > 300 or "\n" in value:
+        raise UserInputError(field, value, "a short text on one line (at most 300 characters)")
+    return value.strip()
 
 
 def _bool(field: str, value: object) -> None:

@@ -19,6 +19,7 @@ import torch
 
 from flux.loading import FluxModels, load_flux
 from flux.variants import get_variant
+from lora.autocaption import autocaption_dataset
 from lora.buckets import assign_buckets
 from lora.dataset import load_training_zip
 from lora.export import TAR_NAME, lora_metadata, write_tar, write_training_folder
@@ -69,6 +70,15 @@ def run_training(
         examples, report = load_training_zip(
             zip_path, work, config.trigger_word, keep_pixels=KEEP_PIXELS_FACTOR * max_side * max_side
         )
+        if config.autocaption:
+            # The captioner is loaded only if an image lacks a .txt, and leaves the device before training.
+            examples = autocaption_dataset(
+                examples,
+                config.trigger_word,
+                config.autocaption_prefix,
+                config.autocaption_suffix,
+                models.device,
+            )
         captions = [(e.source, e.caption) for e in examples]
         samples = assign_buckets(
             [e.image.size for e in examples], config.resolutions, [e.source for e in examples]

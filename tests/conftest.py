@@ -1,6 +1,5 @@
 """Shared fixtures: the tiny model (built once per session) and the real Cog server on it."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -13,32 +12,40 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
-    """A folder with tiny FLUX.1-schnell/ and FLUX.1-dev/, built by the same command users run."""
+    """Tiny FLUX.1-schnell/, FLUX.1-dev/ and helper models, built by the same commands users run."""
     from flux.tiny import build_tiny_model
+    from flux.tiny_helpers import build_tiny_helpers
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-weights"))
+    folder = build_tiny_model(tmp_path_factory.mktemp("tiny-weights"))
+    build_tiny_helpers(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_env(tiny_weights) -> dict:
-    return {"FLUX_WEIGHTS_DIR": str(tiny_weights), "FLUX_ALLOW_DOWNLOAD": "0"}
+    return {
+        "FLUX_WEIGHTS_DIR": str(tiny_weights),
+        "FLUX_HELPER_WEIGHTS_DIR": str(tiny_weights),
+        "FLUX_ALLOW_DOWNLOAD": "0",  # no test may reach the network
+        "FLUX_AUTOCAPTION_MAX_TOKENS": "4",  # the tiny captioner's words are noise; keep it quick
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_tiny_environment(tiny_env):
+    """Every test runs against the tiny models and can never download (tests may narrow this further)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in tiny_env.items():
+            patch.setenv(key, value)
+        yield
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tiny_env):
+def tiny_models(offline_tiny_environment):
     """Both variants of the tiny model loaded in this process (library tests)."""
     from flux.loading import load_flux
 
-    previous = {key: os.environ.get(key) for key in tiny_env}
-    os.environ.update(tiny_env)
-    try:
-        yield load_flux(("dev", "schnell"))
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return load_flux(("dev", "schnell"))
 
 
 @pytest.fixture(scope="session")

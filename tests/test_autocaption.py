@@ -156,7 +156,7 @@ def test_captioner_is_unloaded_when_captioning_fails(monkeypatch):
         def unload(self):
             unloaded.append(True)
 
-    monkeypatch.setattr(Captioner, "load", classmethod(lambda cls, device, folder: Failing()))
+    monkeypatch.setattr(Captioner, "load", classmethod(lambda cls, device, folder, **options: Failing()))
     with pytest.raises(RuntimeError, match="out of memory"):
         autocaption_dataset(dataset(), "TOK")
     assert unloaded == [True]

@@ -218,3 +218,37 @@ def test_requests_reload_nothing_after_setup(predict_server):
     result = predict_server.predict(prompt="a cat", megapixels="0.25", model="dev", num_inference_steps=1)
     succeeded(result)
     assert "loading" not in result["logs"]
+
+
+@pytest.fixture(scope="module")
+def strict_checker_server(tiny_env, tmp_path_factory):
+    """A server whose safety checker flags everything (threshold 0), to see the drop/fail rule end to end."""
+    from cog_local import cog_server
+    from conftest import CogClient
+
+    folder = tmp_path_factory.mktemp("strict")
+    with cog_server(
+        "predict", env={**tiny_env, "FLUX_SAFETY_THRESHOLD": "0"}, log_path=folder / "log"
+    ) as url:
+        yield CogClient(url, folder / "log")
+
+
+def test_safety_checker_flags_and_the_request_fails_clearly(strict_checker_server):
+    result = strict_checker_server.predict(prompt="a cat", megapixels="0.25", num_outputs=2, **FAST)
+    assert result["status"] == "failed"
+    assert "all 2 images were flagged as NSFW" in result["error"]
+    assert "disable_safety_checker" in result["error"]  # says how to get the images anyway
+
+
+def test_disabled_safety_checker_is_not_run(strict_checker_server):
+    result = strict_checker_server.predict(
+        prompt="a cat", megapixels="0.25", disable_safety_checker=True, **FAST
+    )
+    assert len(succeeded(result)) == 1
+    assert "flagged" not in result["logs"]
+
+
+def test_safety_checker_input_must_be_a_boolean(predict_server):
+    result = predict_server.predict(prompt="a cat", megapixels="0.25", disable_safety_checker="yes", **FAST)
+    assert result["status"] == "failed"
+    assert "disable_safety_checker: got 'yes'; true or false" in result["error"]

@@ -192,7 +192,14 @@ def trained(tiny, data_zip, tmp_path_factory):
     transformer = tiny.transformers["dev"]
     before = {k: v.clone() for k, v in transformer.state_dict().items()}
     config = build_training_config(
-        steps=5, lora_rank=4, resolution="256", seed=3, batch_size=2, optimizer="adamw"
+        steps=5,
+        lora_rank=4,
+        resolution="256",
+        seed=3,
+        batch_size=2,
+        optimizer="adamw",
+        autocaption_prefix="a photo of",
+        autocaption_suffix="studio light",
     )
     out = tmp_path_factory.mktemp("out")
     tar_path = run_training(config, data_zip, out, models=tiny, previews=FAST_PREVIEWS, log_every=1)
@@ -216,15 +223,14 @@ def test_training_tar_has_every_member(trained):
     assert Image.open(folder / "previews/preview-0.webp").size == (256, 256)
     assert Image.open(folder / "loss.png").size == (800, 400)
     captions = (folder / "captions.txt").read_text().splitlines()
-    assert captions == [
-        "photos/img0.png\ta red square TOK",
-        "photos/img1.png\tTOK, a blue block",
-        "photos/img2.png\tTOK",
-        "photos/img3.png\tTOK",
-    ]
+    assert captions[:2] == ["photos/img0.png\ta red square TOK", "photos/img1.png\tTOK, a blue block"]
+    # Images without a .txt: the (tiny, random) captioner's words between the prefix and suffix, added in code.
+    for index, line in enumerate(captions[2:], start=2):
+        assert line.startswith(f"photos/img{index}.png\tTOK, a photo of ") and line.endswith(" studio light")
     config = json.loads((folder / "config.json").read_text())
     assert config["steps"] == 5 and config["seed"] == 3 and config["resolution"] == "256"
     assert config["training"]["optimizer_used"] == "adamw"
+    assert (config["autocaption"], config["autocaption_prefix"]) == (True, "a photo of")
     assert "hf_token" not in json.dumps(config)
 
 

@@ -75,3 +75,36 @@ def test_bad_input_fails_with_the_field_named(train_server, tmp_path):
     )
     assert result["status"] == "failed"
     assert "hf_token" in result["error"]
+
+
+def test_the_trained_tar_works_as_lora_weights_in_predict(train_server, predict_server, tmp_path):
+    """Both servers, as a user chains them: `cog train` output fed back as lora_weights / replicate_weights."""
+    from cog_local import run_job
+
+    inputs = {
+        "input_images": zip_data_url(tmp_path),
+        "steps": 4,
+        "resolution": "256",
+        "learning_rate": 1e-2,
+        "seed": 1,
+    }
+    trained = run_job(train_server, "train", inputs, timeout=600)
+    assert trained["status"] == "succeeded", trained.get("error")
+    tar_url = trained["output"]["weights"]
+    assert tar_url.startswith("data:")  # the tar itself, as Cog returns it
+    request = {
+        "prompt": "a TOK square",
+        "model": "dev",
+        "num_inference_steps": 2,
+        "megapixels": "0.25",
+        "seed": 9,
+    }
+    base = predict_server.predict(**request)
+    with_lora = predict_server.predict(**request, lora_weights=tar_url)
+    as_replicate = predict_server.predict(**request, replicate_weights=tar_url)
+    at_zero = predict_server.predict(**request, lora_weights=tar_url, lora_scale=0)
+    for result in (base, with_lora, as_replicate, at_zero):
+        assert result["status"] == "succeeded", result.get("error")
+    assert with_lora["output"] != base["output"]
+    assert as_replicate["output"] == with_lora["output"]
+    assert at_zero["output"] == base["output"]
