@@ -79,7 +79,7 @@ def test_bad_input_fails_with_the_field_named(train_server, tmp_path):
 
 def test_the_trained_tar_works_as_lora_weights_in_predict(train_server, predict_server, tmp_path):
     """Both servers, as a user chains them: `cog train` output fed back as lora_weights / replicate_weights."""
-    from cog_local import run_job
+    from cog_local import decode_data_url, run_job
 
     inputs = {
         "input_images": zip_data_url(tmp_path),
@@ -87,11 +87,15 @@ def test_the_trained_tar_works_as_lora_weights_in_predict(train_server, predict_
         "resolution": "256",
         "learning_rate": 1e-2,
         "seed": 1,
+        "autocaption": False,
     }
     trained = run_job(train_server, "train", inputs, timeout=600)
     assert trained["status"] == "succeeded", trained.get("error")
     tar_url = trained["output"]["weights"]
     assert tar_url.startswith("data:")  # the tar itself, as Cog returns it
+    with tarfile.open(fileobj=io.BytesIO(decode_data_url(tar_url))) as tar:
+        captions = tar.extractfile("captions.txt").read().decode().splitlines()
+    assert "photos/img2.png\tTOK" in captions  # autocaption off: the trigger word alone
     request = {
         "prompt": "a TOK square",
         "model": "dev",
