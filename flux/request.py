@@ -4,7 +4,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from flux.sizes import resolve_size
+from flux.sizes import normalize_megapixels, resolve_size
 from flux.variants import VariantSpec, get_variant
 from weights.errors import UserInputError
 
@@ -90,7 +90,7 @@ def build_request(
         seed=seed,
         output_format=output_format,
         output_quality=output_quality,
-        megapixels=megapixels,
+        megapixels=normalize_megapixels(megapixels),
         image=image,
         prompt_strength=float(prompt_strength),
         mask=mask,

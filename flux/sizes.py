@@ -25,12 +25,20 @@ def round_to_multiple(value: float, multiple: int = MULTIPLE) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
 
+def normalize_megapixels(megapixels: object) -> str:
+    """The megapixels choice as its string; API callers also send it as the number 1 or 0.25."""
+    if isinstance(megapixels, (int, float)) and not isinstance(megapixels, bool):
+        megapixels = {1.0: "1", 0.25: "0.25"}.get(float(megapixels), megapixels)
+    if megapixels not in MEGAPIXELS:
+        raise UserInputError("megapixels", megapixels, f"allowed: {', '.join(MEGAPIXELS)}")
+    return megapixels
+
+
 def resolve_size(
     aspect_ratio: str, megapixels: str, width: int | None, height: int | None
 ) -> tuple[int, int]:
     """(width, height) of the output for a text-to-image request."""
-    if megapixels not in MEGAPIXELS:
-        raise UserInputError("megapixels", megapixels, f"allowed: {', '.join(MEGAPIXELS)}")
+    megapixels = normalize_megapixels(megapixels)
     if aspect_ratio == CUSTOM:
         return _custom_side("width", width), _custom_side("height", height)
     if aspect_ratio not in ASPECT_RATIOS:
@@ -61,8 +69,7 @@ def _custom_side(name: str, value: int | None) -> int:
 
 def size_for_image(image_size: tuple[int, int], megapixels: str) -> tuple[int, int]:
     """Output size for img2img/inpainting: the input's aspect ratio at the requested pixel count."""
-    if megapixels not in MEGAPIXELS:
-        raise UserInputError("megapixels", megapixels, f"allowed: {', '.join(MEGAPIXELS)}")
+    megapixels = normalize_megapixels(megapixels)
     target_area = 1024 * 1024 * float(megapixels)
     iw, ih = image_size
     scale = (target_area / (iw * ih)) ** 0.5

@@ -3,12 +3,14 @@
     python scripts/cog_local.py predict -i prompt="a red circle" -i num_outputs=2 [-o outputs]
     python scripts/cog_local.py train -i input_images=@photos.zip -i steps=50
 
-`-i key=value` takes JSON when the value parses as JSON (numbers, true/false), else a string;
-`-i key=@path` sends a local file (as a data: URL, which Cog turns back into a file).
+`-i key=value` is converted to the input's declared type, read from predict.py / train.py as the cog CLI
+reads the schema (str stays text: `-i megapixels=0.25` is the string "0.25"); `-i key=@path` sends a local
+file (as a data: URL, which Cog turns back into a file).
 Outputs that are files are written under -o (default ./outputs). Docker and the cog CLI are not needed.
 """
 
 import argparse
+import ast
 import base64
 import json
 import mimetypes
@@ -29,7 +31,29 @@ STUBS = {
 }
 
 
-def parse_inputs(pairs: list[str]) -> dict:
+def declared_types(mode: str) -> dict[str, str]:
+    """{input name: annotation} of Runner.run / train, read without importing the (heavy) module."""
+    path, name = STUBS[mode][1].split(":")
+    tree = ast.parse((ROOT / path).read_text())
+    wanted = "run" if mode == "predict" else name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == wanted:
+            return {a.arg: ast.unparse(a.annotation) for a in node.args.args if a.annotation is not None}
+    return {}
+
+
+def convert(value: str, annotation: str | None):
+    """A command-line value as the type the input declares; undeclared names are sent as JSON or text."""
+    if annotation in ("str", "Secret"):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value  # sent as text: the predictor's own validation names the field
+
+
+def parse_inputs(pairs: list[str], mode: str = "predict") -> dict:
+    types = declared_types(mode)
     inputs = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -38,10 +62,7 @@ def parse_inputs(pairs: list[str]) -> dict:
         if value.startswith("@"):
             inputs[key] = file_to_data_url(Path(value[1:]))
         else:
-            try:
-                inputs[key] = json.loads(value)
-            except json.JSONDecodeError:
-                inputs[key] = value
+            inputs[key] = convert(value, types.get(key))
     return inputs
 
 
@@ -164,7 +185,7 @@ def main() -> int:
     parser.add_argument("-i", "--input", action="append", default=[], help="key=value or key=@file")
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("outputs"))
     args = parser.parse_args()
-    inputs = parse_inputs(args.input)
+    inputs = parse_inputs(args.input, args.mode)
     print(f"starting the Cog server ({args.mode}) ...", file=sys.stderr)
     with cog_server(args.mode) as url:
         print(f"Cog server ready at {url}; running ...", file=sys.stderr)

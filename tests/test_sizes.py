@@ -68,3 +68,10 @@ def test_image_size_keeps_aspect_ratio_at_the_pixel_count():
 def test_image_size_caps_extreme_panoramas():
     w, h = size_for_image((10000, 100), "1")
     assert w <= 1536 and h >= 16
+
+
+def test_megapixels_sent_as_numbers_are_the_same_choices():
+    assert resolve_size("1:1", 0.25, None, None) == (512, 512)
+    assert resolve_size("1:1", 1, None, None) == (1024, 1024)
+    with pytest.raises(UserInputError, match="megapixels: got 0.5"):
+        resolve_size("1:1", 0.5, None, None)
