@@ -18,7 +18,7 @@ from lora.apply import LoraFuser
 from lora.formats import CanonicalLora, read_lora_file
 from weights.errors import UserInputError
 from weights.lora_cache import LoraCache
-from weights.lora_source import fetch_lora
+from weights.lora_source import display_reference, fetch_lora
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class LoraManager:
             log.info(
                 "LoRAs on %s: %s",
                 variant,
-                ", ".join(f"{c.reference} x {c.scale:g}" for c in choices) or "none",
+                ", ".join(f"{display_reference(c.reference)} x {c.scale:g}" for c in choices) or "none",
             )
         return changed
 

@@ -42,3 +42,14 @@ def test_choose_loras_rules():
         choose_loras("o/m", None, float("nan"), None, 1)
     with pytest.raises(UserInputError, match="extra_lora_scale: got 3.01"):
         choose_loras(None, None, 1, "x/y", 3.01)
+
+
+def test_references_are_logged_short_and_without_tokens():
+    from weights.lora_source import display_reference
+
+    assert display_reference("data:application/x-tar;base64," + "A" * 4096) == "data:application/x-tar (3 kB)"
+    assert (
+        display_reference("https://example.com/a.safetensors?token=secret")
+        == "https://example.com/a.safetensors"
+    )
+    assert display_reference("owner/repo") == "owner/repo"

@@ -644,3 +644,13 @@ def _decode_data_url(url: str, dest: Path, max_bytes: int) -> None:
         raise LoraReferenceError("the data: URL holds no data")
     with open(dest, "wb") as out:
         out.write(data)
+
+
+def display_reference(reference: str, limit: int = 120) -> str:
+    """A reference as logs show it: data: URLs by type and size, URLs without their query (tokens)."""
+    if reference.startswith("data:"):
+        header, _, payload = reference.partition(",")
+        return f"{header.split(';')[0]} ({len(payload) * 3 // 4 // 1024} kB)"
+    if "://" in reference:
+        reference = _redact(reference)
+    return reference if len(reference) <= limit else reference[:limit] + "..."
