@@ -252,3 +252,9 @@ def test_safety_checker_input_must_be_a_boolean(predict_server):
     result = predict_server.predict(prompt="a cat", megapixels="0.25", disable_safety_checker="yes", **FAST)
     assert result["status"] == "failed"
     assert "disable_safety_checker: got 'yes'; true or false" in result["error"]
+
+
+def test_a_prompt_over_the_t5_limit_is_truncated_with_a_warning(predict_server):
+    result = predict_server.predict(prompt="a red circle " * 150, megapixels="0.25", **FAST)
+    assert len(succeeded(result)) == 1
+    assert "T5 tokens; FLUX.1 schnell reads at most 256" in result["logs"]
