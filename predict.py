@@ -110,6 +110,10 @@ class Runner(BaseRunner):
         disable_safety_checker: bool = Input(
             description="Skip the NSFW check of generated images (it drops flagged images).", default=False
         ),
+        go_fast: bool = Input(
+            description="fp8 and compiled on GPUs that support it (faster, not bit-reproducible); false: bf16.",
+            default=True,
+        ),
     ) -> list[Path]:
         request = build_request(
             prompt=prompt,
@@ -127,6 +131,7 @@ class Runner(BaseRunner):
             image=_local(image),
             prompt_strength=prompt_strength,
             mask=_local(mask),
+            go_fast=go_fast,
         )
         loras = choose_loras(lora_weights, replicate_weights, lora_scale, extra_lora, extra_lora_scale)
         self.loras.activate(request.variant.name, loras)

@@ -8,6 +8,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 from PIL import Image
 
+from flux.fast.path import setup_fast
 from flux.images import open_user_image, open_user_mask
 from flux.loading import FluxModels
 from flux.request import GenerationRequest
@@ -60,17 +61,20 @@ def generate(models: FluxModels, request: GenerationRequest) -> GenerationResult
 
     pipe = pipeline_class(**components)
     pipe.set_progress_bar_config(disable=True)
+    if models.fast is None:  # models built without load_flux (benchmarks, notebooks)
+        models.fast = setup_fast(models.transformers, models.device)
     # A CPU generator gives the same noise on every device, so a seed means the same image everywhere.
     generator = torch.Generator("cpu").manual_seed(seed)
-    with torch.inference_mode():
+    with torch.inference_mode(), models.fast.session(variant.name, request.go_fast):
+        prompt_embeds, pooled = prompt_embeddings(models, pipe, request)
         output = pipe(
-            prompt=request.prompt,
+            prompt_embeds=prompt_embeds.repeat(request.num_outputs, 1, 1),
+            pooled_prompt_embeds=pooled.repeat(request.num_outputs, 1),
             width=width,
             height=height,
-            num_images_per_prompt=request.num_outputs,
+            num_images_per_prompt=1,  # the embeddings above are already one per image
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance,
-            max_sequence_length=variant.max_sequence_length,
             generator=generator,
             output_type="pil",
             **extra,
@@ -79,6 +83,25 @@ def generate(models: FluxModels, request: GenerationRequest) -> GenerationResult
     if "mask_image" in extra:
         images = [keep_unmasked(extra["image"], extra["mask_image"], generated) for generated in images]
     return GenerationResult(images=images, seed=seed, width=width, height=height)
+
+
+def prompt_embeddings(
+    models: FluxModels, pipe, request: GenerationRequest
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 and pooled CLIP embeddings for one image, reused when the same prompt comes again."""
+    variant = request.variant
+
+    def encode() -> tuple[torch.Tensor, torch.Tensor]:
+        prompt_embeds, pooled, _ = pipe.encode_prompt(
+            prompt=request.prompt,
+            prompt_2=None,
+            device=models.device,
+            num_images_per_prompt=1,
+            max_sequence_length=variant.max_sequence_length,
+        )
+        return prompt_embeds, pooled
+
+    return models.prompt_embeddings.get(request.prompt, variant.name, variant.max_sequence_length, encode)
 
 
 def keep_unmasked(source: Image.Image, mask: Image.Image, generated: Image.Image) -> Image.Image:

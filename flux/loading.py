@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from flux.embeddings import PromptEmbeddingCache
+from flux.fast.path import FastPath, setup_fast
 from flux.variants import VariantSpec, get_variant
 from weights.base_models import resolve_base_weights
 from weights.errors import UserInputError
@@ -28,6 +30,9 @@ class FluxModels:
     device: torch.device
     dtype: torch.dtype
     folders: dict[str, Path] = field(default_factory=dict)
+    # go_fast state (fp8 copies, compiled blocks); None until setup_fast ran (generate() then runs it).
+    fast: FastPath | None = None
+    prompt_embeddings: PromptEmbeddingCache = field(default_factory=PromptEmbeddingCache)
 
     def transformer_for(self, variant: VariantSpec) -> torch.nn.Module:
         if variant.name not in self.transformers:
@@ -86,6 +91,8 @@ def load_flux(
     log.info(
         "loaded %s on %s (%s) in %.1f s", ", ".join(folders), device, dtype, time.perf_counter() - started
     )
+    # At setup, not on the first request: compiling the blocks for go_fast takes tens of seconds.
+    models.fast = setup_fast(models.transformers, device, {v.name: v.max_sequence_length for v in variants})
     return models
 
 

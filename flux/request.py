@@ -29,6 +29,8 @@ class GenerationRequest:
     image: Path | None = None
     prompt_strength: float = 0.8
     mask: Path | None = None
+    # fp8 + compiled blocks where the GPU supports it (not bit-reproducible); false: the bf16 eager path.
+    go_fast: bool = True
 
 
 def build_request(
@@ -48,6 +50,7 @@ def build_request(
     image: Path | None = None,
     prompt_strength: float = 0.8,
     mask: Path | None = None,
+    go_fast: bool = True,
 ) -> GenerationRequest:
     """Check every input against its rules; raise UserInputError naming the first bad field.
 
@@ -79,6 +82,8 @@ def build_request(
             prompt_strength,
             f"with {num_inference_steps} steps it leaves no denoising step; use a larger prompt_strength",
         )
+    if not isinstance(go_fast, bool):
+        raise UserInputError("go_fast", go_fast, "true or false")
     return GenerationRequest(
         prompt=prompt,
         variant=variant,
@@ -94,6 +99,7 @@ def build_request(
         image=image,
         prompt_strength=float(prompt_strength),
         mask=mask,
+        go_fast=go_fast,
     )
 
 

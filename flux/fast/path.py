@@ -1,0 +1,127 @@
+"""FastPath: what load_flux sets up for go_fast, and the per-request switch generate() uses.
+
+Setup (once, at load time): detect the device; where fp8 runs, install FastTransformer on each
+variant's transformer, compile its blocks and run a warm-up forward at the common sizes, so the first
+request does not pay the compile. Elsewhere nothing is installed and go_fast requests run the standard
+path, with one log line saying why.
+
+    FLUX_FAST=auto (default) | nocompile (fp8 without torch.compile) | off (never set up; saves memory)
+"""
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from flux.fast.capability import FastSupport, detect_fast_support
+from flux.fast.transformer import FastTransformer
+
+log = logging.getLogger(__name__)
+
+ENV_FAST = "FLUX_FAST"
+FAST_MODES = ("auto", "nocompile", "off")
+# Warm-up shapes (height, width, batch): two differing ones, so the compiled blocks are re-traced once
+# with dynamic sizes at setup and later sizes, batches and prompt lengths reuse that graph.
+WARMUP_SHAPES = ((1024, 1024, 1), (768, 1344, 2))
+
+
+@dataclass
+class FastPath:
+    support: FastSupport
+    transformers: dict[str, FastTransformer] = field(default_factory=dict)
+    setup_seconds: float = 0.0
+    _fallback_logged: bool = False
+
+    @contextmanager
+    def session(self, variant: str, go_fast: bool) -> Iterator[bool]:
+        """Inside: the variant's transformer runs fp8 + compiled if go_fast and supported. Yields whether it does."""
+        fast = self.transformers.get(variant) if go_fast else None
+        if go_fast and fast is None:
+            self._log_fallback(variant)
+        with fast.active(True) if fast is not None else nullcontext():
+            yield fast is not None
+
+    def refresh(self, variant: str) -> int:
+        """Re-quantize the fp8 copies a LoRA change touched (also done lazily by the next fast request)."""
+        fast = self.transformers.get(variant)
+        return fast.refresh_stale() if fast is not None else 0
+
+    def _log_fallback(self, variant: str) -> None:
+        if self._fallback_logged:
+            return
+        self._fallback_logged = True
+        why = self.support.reason if not self.support.available else f"not set up for {variant} ({ENV_FAST})"
+        log.info("go_fast: using the standard bf16 path instead of fp8 + compile: %s", why)
+
+
+def fast_mode() -> str:
+    mode = os.environ.get(ENV_FAST, "auto").strip().lower() or "auto"
+    if mode not in FAST_MODES:
+        raise ValueError(f"{ENV_FAST}={mode!r}: allowed {', '.join(FAST_MODES)}")
+    return mode
+
+
+def setup_fast(
+    transformers: dict[str, torch.nn.Module],
+    device: torch.device,
+    max_sequence_lengths: dict[str, int] | None = None,
+    mode: str | None = None,
+    warmup_shapes: tuple[tuple[int, int, int], ...] = WARMUP_SHAPES,
+) -> FastPath:
+    """Detect support and, where fp8 runs, install + compile + warm up each transformer."""
+    mode = mode or fast_mode()
+    support = detect_fast_support(device)
+    if mode == "off":
+        support = FastSupport(False, f"{ENV_FAST}=off")
+    if not support.available:
+        log.info("go_fast not set up: %s", support.reason)
+        return FastPath(support)
+    started = time.perf_counter()
+    path = FastPath(support)
+    for name, transformer in transformers.items():
+        fast = FastTransformer(transformer)
+        if mode == "auto":
+            fast.compile_blocks()
+            seq = (max_sequence_lengths or {}).get(name, 512)
+            for height, width, batch in warmup_shapes:
+                t = time.perf_counter()
+                with fast.active(True):
+                    warm_up(transformer, height, width, batch, seq)
+                torch.cuda.synchronize(device)
+                log.info(
+                    "go_fast warm-up %s %dx%d x%d: %.1f s",
+                    name,
+                    width,
+                    height,
+                    batch,
+                    time.perf_counter() - t,
+                )
+        path.transformers[name] = fast
+    path.setup_seconds = time.perf_counter() - started
+    log.info("go_fast ready (%s, %s) in %.1f s", support.reason, mode, path.setup_seconds)
+    return path
+
+
+@torch.inference_mode()
+def warm_up(transformer: torch.nn.Module, height: int, width: int, batch: int, seq_len: int) -> None:
+    """One forward on dummy inputs of the shapes a request of this size produces (values do not matter)."""
+    config = transformer.config
+    param = next(transformer.parameters())
+    like = dict(device=param.device, dtype=param.dtype)
+    tokens = (height // 16) * (width // 16)  # 8x VAE, then 2x2 patches
+    kwargs = dict(
+        hidden_states=torch.randn(batch, tokens, config.in_channels, **like),
+        encoder_hidden_states=torch.randn(batch, seq_len, config.joint_attention_dim, **like),
+        pooled_projections=torch.randn(batch, config.pooled_projection_dim, **like),
+        timestep=torch.full((batch,), 0.5, **like),
+        img_ids=torch.zeros(tokens, 3, **like),
+        txt_ids=torch.zeros(seq_len, 3, **like),
+        return_dict=False,
+    )
+    if config.guidance_embeds:
+        kwargs["guidance"] = torch.full((batch,), 3.5, **like)
+    transformer(**kwargs)
