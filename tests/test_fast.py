@@ -67,6 +67,24 @@ def test_scaled_mm_path_matches_the_emulation():
     assert relative_error(out, reference) < 0.01
 
 
+def test_bias_added_after_the_product_where_scaled_mm_refuses_it(monkeypatch):
+    from flux.fast import fp8
+
+    torch.manual_seed(1)
+    x, weight = torch.randn(5, 32, dtype=torch.bfloat16), torch.randn(16, 32)
+    bias = torch.randn(16).to(torch.bfloat16)
+    qw, sw = quantize_rowwise(weight)
+    try:
+        fused = fp8_linear(x, qw, sw.view(1, -1), bias)
+    except (RuntimeError, NotImplementedError) as error:
+        pytest.skip(f"this torch has no CPU _scaled_mm: {error}")
+    monkeypatch.setattr(fp8, "FUSED_BIAS", False)
+    separate = fp8_linear(x, qw, sw.view(1, -1), bias)
+    without = fp8_linear(x, qw, sw.view(1, -1), None)
+    assert relative_error(separate, fused) < 0.01
+    assert relative_error(separate - without, bias.expand(5, 16)) < 0.02
+
+
 # ---- Fp8Linear and FastTransformer ---------------------------------------------------------------
 
 

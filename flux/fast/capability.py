@@ -37,11 +37,17 @@ def detect_fast_support(device: torch.device) -> FastSupport:
 
 
 def _probe(device: torch.device) -> None:
-    from flux.fast.fp8 import quantize_rowwise, scaled_mm_rowwise
+    from flux.fast import fp8
 
     a = torch.randn(16, 32, device=device, dtype=torch.bfloat16)
     b = torch.randn(16, 32, device=device, dtype=torch.bfloat16)
-    qa, sa = quantize_rowwise(a)
-    qb, sb = quantize_rowwise(b)
-    scaled_mm_rowwise(qa, sa, qb, sb.view(1, -1), None, torch.bfloat16)
+    bias = torch.randn(16, device=device, dtype=torch.bfloat16)
+    qa, sa = fp8.quantize_rowwise(a)
+    qb, sb = fp8.quantize_rowwise(b)
+    fp8.scaled_mm_rowwise(qa, sa, qb, sb.view(1, -1), None, torch.bfloat16)
     torch.cuda.synchronize(device)
+    try:
+        fp8.scaled_mm_rowwise(qa, sa, qb, sb.view(1, -1), bias, torch.bfloat16)
+        torch.cuda.synchronize(device)
+    except RuntimeError:
+        fp8.FUSED_BIAS = False  # this build takes no bias with rowwise scales: add it after the product

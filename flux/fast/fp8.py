@@ -15,6 +15,9 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 # _scaled_mm needs K and N to be multiples of 16; every FLUX.1 block Linear is (3072, 12288, 15360).
 ALIGN = 16
+# Whether _scaled_mm adds the bias itself; capability.py turns this off where a torch build refuses a
+# bias with rowwise scales, and the bias is then added after the product.
+FUSED_BIAS = True
 
 
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,15 +38,16 @@ def scaled_mm_rowwise(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """qa [M, K] e4m3 times qw [N, K] e4m3 transposed, rescaled: scale_a [M, 1], scale_w [1, N]."""
-    return torch._scaled_mm(
+    out = torch._scaled_mm(
         qa,
         qw.t(),  # a view: row-major [N, K] is the column-major [K, N] the kernel wants
         scale_a=scale_a,
         scale_b=scale_w,
-        bias=bias,
+        bias=bias if FUSED_BIAS else None,
         out_dtype=out_dtype,
         use_fast_accum=True,  # Hopper's fast fp8 accumulation; the quality guard measures its effect
     )
+    return out if bias is None or FUSED_BIAS else out + bias
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

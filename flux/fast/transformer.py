@@ -4,7 +4,7 @@ What gets fp8: every nn.Linear inside the repeated blocks (19 double, 38 single 
 AdaLayerNorm modulation Linears (`norm*.linear`): those run on one row per image (negligible time) and
 their output scales every activation, so quantizing them costs quality for no speed.
 
-Memory: the fp8 copies add half the bf16 size of the converted weights (~5.9 GB for FLUX.1's ~11.8 B
+Memory: the fp8 copies add half the bf16 size of the converted weights (~11.8 GB beside 23.6 GB for FLUX.1's ~11.8 B
 block-Linear parameters) plus 4 bytes per output row; the bf16 weights stay as the master copy.
 
 Switching per request is a flag per module (`use_fp8`) and, for compiled blocks, the module's compiled
