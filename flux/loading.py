@@ -55,9 +55,15 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_flux(
-    variant_names: tuple[str, ...], device: torch.device | None = None, dtype: torch.dtype | None = None
+    variant_names: tuple[str, ...],
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    fast: bool = True,
 ):
-    """Load the requested variants. T5, CLIP and the VAE are loaded once, from the first variant's folder."""
+    """Load the requested variants. T5, CLIP and the VAE are loaded once, from the first variant's folder.
+
+    fast: set up go_fast (fp8 copies + compiled blocks, where the GPU supports it); training passes False.
+    """
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
@@ -92,7 +98,8 @@ def load_flux(
         "loaded %s on %s (%s) in %.1f s", ", ".join(folders), device, dtype, time.perf_counter() - started
     )
     # At setup, not on the first request: compiling the blocks for go_fast takes tens of seconds.
-    models.fast = setup_fast(models.transformers, device, {v.name: v.max_sequence_length for v in variants})
+    lengths = {v.name: v.max_sequence_length for v in variants}
+    models.fast = setup_fast(models.transformers, device, lengths, mode=None if fast else "off")
     return models
 
 

@@ -76,7 +76,7 @@ def setup_fast(
     mode = mode or fast_mode()
     support = detect_fast_support(device)
     if mode == "off":
-        support = FastSupport(False, f"{ENV_FAST}=off")
+        support = FastSupport(False, f"switched off ({ENV_FAST}=off or load_flux(fast=False))")
     if not support.available:
         log.info("go_fast not set up: %s", support.reason)
         return FastPath(support)
