@@ -60,7 +60,7 @@ def run_training(
     encoders_moved = False
     try:
         if models is None:
-            models = load_flux(("dev",))
+            models = load_flux(("dev",), fast=False)  # training never uses the fp8/compiled path
         variant = get_variant(config.base_model)
         transformer = models.transformer_for(variant)
         targets = select_lora_targets(transformer, config.layers_to_optimize_regex)
