@@ -5,6 +5,7 @@ the same requests. lora.train_config checks every rule (the Cog server does not 
 """
 
 import logging
+import shutil
 import sys
 import tempfile
 from pathlib import Path as LocalPath
@@ -140,7 +141,11 @@ def train(
         autocaption_suffix=autocaption_suffix,
         has_hf_token=bool(token),
     )
-    out_dir = LocalPath(tempfile.mkdtemp(prefix="lora-out-"))
+    # Cog reads the returned tar after train() returns, so it cannot be deleted here; one fixed folder,
+    # emptied when the next training starts, keeps at most one finished tar on disk.
+    out_dir = LocalPath(tempfile.gettempdir()) / "flux-lora-training-output"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
     tar = run_training(
         config, LocalPath(input_images), out_dir, hf_token=token, previews=preview_settings_from_env()
     )

@@ -192,7 +192,7 @@ def test_cancel_through_cog_cleans_up_and_the_next_training_runs(tiny_env, tmp_p
         # The work folder (extracted images, latent cache, staging) is gone; only train.py's empty
         # output folder may remain (its tar is written after training, so there is none).
         left = set(temp_root.iterdir()) - present_at_start
-        assert not [p for p in left if not p.name.startswith("lora-out-")], left
+        assert not [p for p in left if p.name != "flux-lora-training-output"], left
         assert not [f for p in left for f in p.rglob("*")], left
         assert get_json(f"{url}/health-check")["status"] == "READY"
 
