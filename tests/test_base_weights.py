@@ -43,6 +43,7 @@ def test_incomplete_folder_is_not_taken(tiny_weights, tmp_path, no_project_weigh
 
 
 def test_offline_without_weights_says_what_where_and_how(no_project_weights, monkeypatch):
+    monkeypatch.setenv("FLUX_ALLOW_DOWNLOAD", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a real download attempt, refused by huggingface_hub offline
     monkeypatch.setenv("FLUX_WEIGHTS_DIR", "/nonexistent/flux")
     with pytest.raises(WeightsNotFoundError) as error:
@@ -65,6 +66,7 @@ def test_download_fetches_only_pipeline_files_with_token(no_project_weights, tin
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setenv("FLUX_ALLOW_DOWNLOAD", "1")  # the fake above stands in for the network
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     folder = resolve_base_weights("FLUX.1-dev", "black-forest-labs/FLUX.1-dev", True)
     assert folder == no_project_weights / "FLUX.1-dev"
