@@ -1,4 +1,4 @@
-"""The LoRA training loop on FLUX.1 dev: cached latents and embeddings in, LoRA tensors out.
+"""The FLUX.1 training loop: cached latents and embeddings in, trained LoRA (or full) weights out.
 
 Reads top to bottom: add the adapter (fp32 LoRA parameters on the frozen base), choose memory
 savers, then per step: draw a batch from one bucket, noise it at sigmoid-normal timesteps, predict the
@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -84,10 +84,55 @@ def train_lora(
     log_every: int | None = None,
 ) -> TrainingResult:
     """Run config.steps optimizer steps on a transformer that already carries the adapter."""
-    device = next(transformer.parameters()).device
     params = lora_parameters(transformer)
     if not params:
         raise RuntimeError("the transformer carries no LoRA parameters; use lora_adapter() first")
+    run = train_parameters(
+        transformer,
+        params,
+        cache,
+        samples,
+        config,
+        scheduler_config,
+        log_every=log_every,
+        what=f"{len(params)} LoRA tensors (rank {config.lora_rank})",
+    )
+    return TrainingResult(
+        lora_state=lora_state_dict(transformer),
+        target_modules=[
+            n.removesuffix(".lora_A") for n, _ in transformer.named_modules() if n.endswith(".lora_A")
+        ],
+        losses=run.losses,
+        optimizer=run.optimizer,
+        gradient_checkpointing=run.gradient_checkpointing,
+        seconds=run.seconds,
+    )
+
+
+@dataclass
+class LoopResult:
+    losses: list[float]  # one per step
+    optimizer: str  # the optimizer really used (after any fallback)
+    gradient_checkpointing: bool
+    seconds: float
+
+
+def train_parameters(
+    transformer: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    cache: TrainingCache,
+    samples: list[Sample],
+    config: TrainingConfig,
+    scheduler_config: dict,
+    *,
+    log_every: int | None = None,
+    lr_schedule: Callable[[int], float] | None = None,
+    what: str = "transformer parameters",
+) -> LoopResult:
+    """The flow-matching loop itself, for whichever parameters are given: a LoRA's (train_lora) or
+    every transformer weight (flux-mini's full-parameter training). lr_schedule(step) multiplies
+    config.learning_rate; None keeps it constant, as LoRA training does."""
+    device = next(transformer.parameters()).device
     checkpointing = _use_checkpointing(config, device, samples)
     if checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -97,10 +142,9 @@ def train_lora(
     batches = _batches(samples, config.batch_size, random.Random(config.seed))
     log_every = log_every or max(1, min(25, config.steps // 20))
     log.info(
-        "training %d LoRA tensors (%.2fM parameters, rank %d) for %d steps, batch %d, optimizer %s, lr %g",
-        len(params),
+        "training %s (%.2fM parameters) for %d steps, batch %d, optimizer %s, lr %g",
+        what,
         sum(p.numel() for p in params) / 1e6,
-        config.lora_rank,
         config.steps,
         config.batch_size,
         optimizer_used,
@@ -113,6 +157,9 @@ def train_lora(
     transformer.train()
     try:
         for step in range(1, config.steps + 1):
+            if lr_schedule is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = config.learning_rate * lr_schedule(step)
             batch = next(batches)
             latents, prompts, pooled = _load_batch(
                 batch, cache, samples, config.caption_dropout_rate, generator
@@ -154,15 +201,8 @@ def train_lora(
     log.info(
         "trained %d steps in %s (%.2f steps/s)", config.steps, _duration(seconds), config.steps / seconds
     )
-    return TrainingResult(
-        lora_state=lora_state_dict(transformer),
-        target_modules=[
-            n.removesuffix(".lora_A") for n, _ in transformer.named_modules() if n.endswith(".lora_A")
-        ],
-        losses=losses,
-        optimizer=optimizer_used,
-        gradient_checkpointing=checkpointing,
-        seconds=seconds,
+    return LoopResult(
+        losses=losses, optimizer=optimizer_used, gradient_checkpointing=checkpointing, seconds=seconds
     )
 
 

@@ -1,0 +1,198 @@
+"""flux-mini's quality bars (issue 5), measured through the container's own request path.
+
+    .venv/bin/python bench/flux_mini_quality.py [--weights weights/flux-mini] [--prompts 100]
+
+Prints: text-to-image colour/shape accuracy on held-out (unseen) colour/shape pairs and, for
+reference, on seen pairs; seed variety (spread of the scored shape centres); img2img at low and high
+prompt_strength; inpainting (change inside the mask, difference outside); and "training teaches":
+a LoRA trained on hearts captioned TOK through lora.train_job.run_training, then the share of
+"a TOK on a white background" images scored as hearts, and known-shape accuracy with the LoRA
+relative to without. All at 256x256, dev, its default 28 steps, seeds fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flux.mini import quality  # noqa: E402
+from flux.mini.build import keep_freed_memory  # noqa: E402
+from flux.shape_scorer import score_image  # noqa: E402
+from flux.shapes import COLORS, held_out_pairs, held_out_prompts, sample_attributes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def known_prompts(count: int, seed: int) -> list[tuple[str, str, str]]:
+    """Short prompts for pairs seen in training, on a white background."""
+    rng = np.random.default_rng(seed)
+    unseen = held_out_pairs(0)
+    pairs = [
+        (c, s)
+        for c in COLORS
+        for s in ("circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "ring")
+        if (c, s) not in unseen and c != "white"
+    ]
+    chosen = [pairs[int(i)] for i in rng.choice(len(pairs), size=count, replace=False)]
+    return [(f"a {c} {s} on a white background", c, s) for c, s in chosen]
+
+
+def text_to_image(models, count: int) -> dict:
+    examples = held_out_prompts(count, seed=0, size=quality.SIDE)
+    prompts = [(e.caption, e.attributes.color, e.attributes.shape) for e in examples]
+    held, _ = quality.accuracy(models, prompts, seed=1000)
+    seen, _ = quality.accuracy(models, known_prompts(20, seed=5), seed=2000)
+    return {"held_out": held.__dict__, "seen_pairs_short_prompts": seen.__dict__}
+
+
+def seed_variety(models, seeds: int = 8) -> dict:
+    prompt = "a red circle on a white background"
+    scores = [score_image(quality.draw(models, prompt, seed)) for seed in range(seeds)]
+    centres = np.array([s.center for s in scores])
+    return {
+        "prompt": prompt,
+        "centres": [tuple(round(float(v), 2) for v in c) for c in centres],
+        "std_x": round(float(centres[:, 0].std()), 3),
+        "std_y": round(float(centres[:, 1].std()), 3),
+        "distinct_cells": len({(int(x * 3), int(y * 3)) for x, y in centres}),  # of the 3x3 grid
+        "red": sum(s.color == "red" for s in scores),
+        "circle": sum(s.shape == "circle" for s in scores),
+    }
+
+
+def sources(count: int) -> list:
+    rng = np.random.default_rng(7)
+    pairs = [("blue", "square"), ("green", "triangle"), ("purple", "hexagon"), ("yellow", "diamond")]
+    return [
+        sample_attributes(
+            rng, quality.SIDE, pairs=[pairs[i % len(pairs)]], backgrounds=["white"], sizes=["large"]
+        )
+        for i in range(count)
+    ]
+
+
+def img2img(models, count: int, work: Path) -> dict:
+    prompt = "a red circle on a white background"
+    result = {}
+    for strength in (0.3, 0.95):
+        kept_colour = kept_place = follows = 0
+        for i, attrs in enumerate(sources(count)):
+            path = quality.save_temp_png(quality.source_image(attrs), work, f"source{i}.png")
+            score = score_image(quality.draw(models, prompt, i, image=path, prompt_strength=strength))
+            centre = (attrs.center[0] / attrs.image_size, attrs.center[1] / attrs.image_size)
+            kept_colour += score.color == attrs.color
+            kept_place += quality.centre_distance(score.center, centre) < 0.1
+            follows += score.color == "red"
+        result[f"strength_{strength}"] = {
+            "source_colour_kept": kept_colour / count,
+            "source_centre_within_0.1": kept_place / count,
+            "prompt_colour_red": follows / count,
+        }
+    return result
+
+
+def inpainting(models, count: int, work: Path) -> dict:
+    prompt = "a red circle on a white background, right"
+    inside, outside, red_inside = [], [], 0
+    mask = Image.new("L", (quality.SIDE, quality.SIDE), 0)
+    mask.paste(255, (quality.SIDE // 2, 0, quality.SIDE, quality.SIDE))  # repaint the right half
+    mask_path = quality.save_temp_png(mask, work, "mask.png")
+    region = np.asarray(mask) > 127
+    for i, attrs in enumerate(sources(count)):
+        source = quality.source_image(attrs)
+        path = quality.save_temp_png(source, work, f"inpaint{i}.png")
+        out = quality.draw(models, prompt, i, image=path, mask=mask_path, prompt_strength=1.0)
+        diff = np.abs(np.asarray(out, dtype=np.float32) - np.asarray(source, dtype=np.float32)).mean(-1)
+        inside.append(float(diff[region].mean()))
+        outside.append(float(diff[~region].mean()))
+        right = Image.fromarray(np.asarray(out)[:, quality.SIDE // 2 :])
+        red_inside += score_image(right).color == "red"
+    return {
+        "mean_abs_change_inside_mask": round(float(np.mean(inside)), 1),
+        "mean_abs_change_outside_mask": round(float(np.mean(outside)), 2),
+        "red_in_masked_half": red_inside / count,
+    }
+
+
+def training_teaches(models, work: Path, images: int, steps: int, samples: int) -> dict:
+    known = known_prompts(20, seed=11)
+    before, _ = quality.accuracy(models, known, seed=3000)
+    started = time.perf_counter()
+    lora_file = quality.teach_concept(models, work, images=images, steps=steps)
+    train_seconds = time.perf_counter() - started
+    fuser = quality.fuse(models, lora_file)
+    try:
+        hearts = [score_image(quality.draw(models, quality.CONCEPT_PROMPT, 4000 + i)) for i in range(samples)]
+        after, _ = quality.accuracy(models, known, seed=3000)
+    finally:
+        fuser.clear()
+    return {
+        "images": images,
+        "steps": steps,
+        "train_seconds": round(train_seconds, 1),
+        "heart_share": sum(s.shape == "heart" for s in hearts) / samples,
+        "shapes_seen_with_lora": dict(
+            zip(*np.unique([s.shape for s in hearts], return_counts=True), strict=False)
+        )
+        if hearts
+        else {},
+        "known_shape_before": before.shape,
+        "known_shape_after": after.shape,
+        "known_shape_kept": round(after.shape / before.shape, 3) if before.shape else None,
+        "known_colour_before": before.color,
+        "known_colour_after": after.color,
+    }
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--weights", type=Path, default=ROOT / "weights" / "flux-mini")
+    parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--lora-images", type=int, default=16)
+    parser.add_argument("--lora-steps", type=int, default=150)
+    parser.add_argument("--samples", type=int, default=20, help="TOK samples scored after training")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", default="t2i,variety,img2img,inpaint,teach")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    os.environ["FLUX_WEIGHTS_DIR"] = str(args.weights.resolve())
+    os.environ.setdefault("FLUX_ALLOW_DOWNLOAD", "0")
+    from flux.loading import load_flux
+
+    models = load_flux(("dev",))
+    work = quality.temp_folder()
+    only = set(args.only.split(","))
+    results: dict = {}
+    steps = [
+        ("t2i", lambda: text_to_image(models, args.prompts)),
+        ("variety", lambda: seed_variety(models)),
+        ("img2img", lambda: img2img(models, 4, work)),
+        ("inpaint", lambda: inpainting(models, 4, work)),
+        ("teach", lambda: training_teaches(models, work, args.lora_images, args.lora_steps, args.samples)),
+    ]
+    for name, run in steps:
+        if name in only:
+            started = time.perf_counter()
+            results[name] = run()
+            results[name]["seconds"] = round(time.perf_counter() - started, 1)
+            print(name, json.dumps(results[name], default=str), flush=True)
+    print(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The checks of flux-mini's quality bars, as functions the benchmark and the tests share.
+
+Every image goes through the container's own path (build_request -> generate) at the smallest size a
+request accepts (256x256), and is judged by the deterministic scorer (flux.shape_scorer).
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from flux.generate import generate
+from flux.loading import FluxModels
+from flux.request import build_request
+from flux.shape_scorer import Score, score_image
+from flux.shapes import Attributes, generate_concept_dataset, render, write_dataset
+
+log = logging.getLogger(__name__)
+
+SIDE = 256
+CONCEPT_PROMPT = "a TOK on a white background"
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    color: float  # share of images whose scored colour is the prompted one
+    shape: float  # share whose scored shape is the prompted one
+    count: int
+
+
+def draw(models: FluxModels, prompt: str, seed: int, model: str = "dev", steps: int | None = None, **extra):
+    request = build_request(
+        prompt=prompt,
+        model=model,
+        aspect_ratio="custom",
+        width=SIDE,
+        height=SIDE,
+        seed=seed,
+        num_inference_steps=steps,
+        output_format="png",
+        **extra,
+    )
+    return generate(models, request).images[0]
+
+
+def accuracy(
+    models: FluxModels, prompts: list[tuple[str, str, str]], seed: int = 0, **kwargs
+) -> tuple[Accuracy, list[Score]]:
+    """prompts: (prompt, colour, shape). One image per prompt, seeds seed, seed+1, ..."""
+    scores = [draw(models, p, seed + i, **kwargs) for i, (p, _, _) in enumerate(prompts)]
+    scores = [score_image(image) for image in scores]
+    color = np.mean([s.color == c for s, (_, c, _) in zip(scores, prompts, strict=True)])
+    shape = np.mean([s.shape == h for s, (_, _, h) in zip(scores, prompts, strict=True)])
+    return Accuracy(float(color), float(shape), len(prompts)), scores
+
+
+def source_image(attrs: Attributes) -> Image.Image:
+    return render(attrs)
+
+
+def save_temp_png(image: Image.Image, folder: Path, name: str) -> Path:
+    path = folder / name
+    image.save(path)
+    return path
+
+
+def centre_distance(a: tuple[float, float], b: tuple[float, float]) -> float:
+    return float(np.hypot(a[0] - b[0], a[1] - b[1]))
+
+
+def teach_concept(
+    models: FluxModels, work: Path, images: int = 16, steps: int = 150, seed: int = 0, rank: int = 16
+) -> Path:
+    """Train a LoRA on `images` hearts captioned with TOK through lora.train_job.run_training (the
+    default recipe otherwise: learning rate 4e-4, AdamW, caption dropout 0.05); return its
+    lora.safetensors."""
+    from lora.previews import PreviewSettings
+    from lora.train_config import build_training_config
+    from lora.train_job import run_training
+
+    zip_path = write_dataset(generate_concept_dataset(images, seed=seed, size=SIDE), work / "hearts.zip")
+    config = build_training_config(
+        steps=steps, resolution=str(SIDE), seed=seed, autocaption=False, lora_rank=rank
+    )
+    tar_path = run_training(config, zip_path, work / "out", models=models, previews=PreviewSettings(count=0))
+    with tarfile.open(tar_path) as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith("lora.safetensors"))
+        archive.extract(member, work / "lora", filter="data")
+    return work / "lora" / member.name
+
+
+def fuse(models: FluxModels, lora_file: Path, scale: float = 1.0):
+    """Fuse a LoRA file into dev's transformer; returns the fuser (call .clear() to restore)."""
+    from lora.apply import LoraFuser
+    from lora.formats import read_lora_file
+
+    transformer = models.transformers["dev"]
+    fuser = LoraFuser(transformer)
+    fuser.set_loras([("concept", read_lora_file(lora_file, transformer), scale)])
+    return fuser
+
+
+def temp_folder() -> Path:
+    return Path(tempfile.mkdtemp(prefix="flux-mini-"))

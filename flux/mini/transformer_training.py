@@ -1,0 +1,120 @@
+"""Stage 2 of flux-mini: the FluxTransformer2DModel, every weight trained, through the project's own
+LoRA training loop (lora.training.train_parameters): the same cache, packing, sigmoid-normal timesteps
+with the dev scheduler's shift, flow-matching loss and guidance input (1.0) as a LoRA training.
+
+Guidance: flux-mini dev is not guidance-distilled (that needs a teacher). Its guidance embedder is
+frozen with a zero output weight, so it adds the same constant whatever guidance a request sends:
+dev accepts the guidance input and ignores it. That constant is what makes the schnell copy exact
+(see schnell_from_dev).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from flux.loading import FluxModels
+from flux.mini.spec import MiniSpec
+from lora.buckets import Sample
+from lora.train_cache import build_cache
+from lora.train_config import TrainingConfig
+from lora.training import LoopResult, train_parameters
+
+log = logging.getLogger(__name__)
+
+GUIDANCE_EMBEDDER = "time_text_embed.guidance_embedder."
+
+
+def build_transformer(spec: MiniSpec, guidance_embeds: bool, seed: int):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels packed in 2x2 patches
+        num_layers=spec.double_blocks,
+        num_single_layers=spec.single_blocks,
+        attention_head_dim=spec.head_dim,
+        num_attention_heads=spec.heads,
+        joint_attention_dim=spec.t5_dim,
+        pooled_projection_dim=spec.clip_dim,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=list(spec.rope_axes),
+    )
+    if guidance_embeds:
+        with torch.no_grad():
+            transformer.time_text_embed.guidance_embedder.linear_2.weight.zero_()
+    return transformer
+
+
+def trainable_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Every weight but the guidance embedder (frozen: its output must stay one constant)."""
+    chosen = []
+    for name, param in transformer.named_parameters():
+        param.requires_grad_(not name.startswith(GUIDANCE_EMBEDDER))
+        if param.requires_grad:
+            chosen.append(param)
+    return chosen
+
+
+def warmup_cosine(warmup: int, total: int, floor: float = 0.05):
+    def schedule(step: int) -> float:
+        if step <= warmup:
+            return step / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return schedule
+
+
+def train_transformer(
+    models: FluxModels, images: list, captions: list[str], spec: MiniSpec, max_sequence_length: int
+) -> LoopResult:
+    """Full-parameter flow-matching training of models.transformers['dev'] on (image, caption) pairs."""
+    transformer = models.transformers["dev"]
+    side = spec.image_size
+    samples = [Sample(index=i, width=side, height=side, resolution=side) for i in range(len(images))]
+    # T5 at the length dev reads at inference (512): the transformer learns with the pads it will see.
+    cache = build_cache(models, images, captions, samples, max_sequence_length, folder=None)
+    config = TrainingConfig(
+        trigger_word="",
+        steps=spec.steps,
+        learning_rate=spec.learning_rate,
+        batch_size=spec.batch,
+        resolutions=(side,),
+        lora_rank=1,  # unused in full-parameter mode
+        caption_dropout_rate=spec.caption_dropout,
+        optimizer="adamw",
+        cache_latents_to_disk=False,
+        layers_to_optimize_regex=None,
+        gradient_checkpointing=False,
+        seed=spec.seed,
+        hf_repo_id=None,
+    )
+    return train_parameters(
+        transformer,
+        trainable_parameters(transformer),
+        cache,
+        samples,
+        config,
+        models.scheduler_configs["dev"],
+        log_every=25,
+        lr_schedule=warmup_cosine(spec.warmup_steps, spec.steps),
+        what="every flux-mini transformer weight",
+    )
+
+
+def schnell_from_dev(dev: torch.nn.Module, spec: MiniSpec, seed: int):
+    """The same network without a guidance embedder. dev's embedder outputs one constant (its
+    linear_2 bias); adding it to the text projection's bias gives a transformer that computes exactly
+    what dev computes: no second training, no distillation (so schnell's 4 steps are coarse)."""
+    schnell = build_transformer(spec, guidance_embeds=False, seed=seed)
+    state = {k: v for k, v in dev.state_dict().items() if not k.startswith(GUIDANCE_EMBEDDER)}
+    constant = dev.time_text_embed.guidance_embedder.linear_2.bias.detach()
+    state["time_text_embed.text_embedder.linear_2.bias"] = (
+        state["time_text_embed.text_embedder.linear_2.bias"] + constant
+    )
+    schnell.load_state_dict(state, strict=True)
+    return schnell.eval().requires_grad_(False)

@@ -1,0 +1,109 @@
+"""Stage 1 of flux-mini: an AutoencoderKL with FLUX.1's latent layout, trained on shapes images.
+
+Reconstruction loss (MSE on pixels) plus a tiny KL term, on random crops (the VAE is fully
+convolutional, and its mid-block attention is off so nothing depends on the image size). The decoder
+decodes slightly noised latents, so it tolerates the small errors of generated latents.
+Afterwards FLUX.1's normalisation constants are measured on whole training images: shift_factor =
+the latents' mean, scaling_factor = 1 / their standard deviation, so (z - shift) * scale, what the
+recipe and the pipelines compute, has zero mean and unit variance, as the transformer expects.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from flux.mini.spec import MiniSpec
+from lora.recipe import image_to_pixels
+
+log = logging.getLogger(__name__)
+
+
+def build_vae(spec: MiniSpec, seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    blocks = len(spec.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=spec.vae_channels,
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * blocks,  # 4 blocks: 3 halvings = 8x
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+        shift_factor=0.0,
+        scaling_factor=1.0,
+    )
+
+
+def random_crops(images: list[Image.Image], count: int, crop: int, rng: np.random.Generator) -> torch.Tensor:
+    batch = []
+    for _ in range(count):
+        image = images[int(rng.integers(len(images)))]
+        x, y = (int(v) for v in rng.integers(0, image.width - crop + 1, size=2))
+        batch.append(image_to_pixels(image.crop((x, y, x + crop, y + crop))))
+    return torch.stack(batch)
+
+
+def train_vae(vae, images: list[Image.Image], spec: MiniSpec, seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)  # posterior sampling draws from the global generator
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=spec.vae_lr, weight_decay=0.0)
+    losses = []
+    started = time.perf_counter()
+    vae.train()
+    for step in range(1, spec.vae_steps + 1):
+        # Cosine decay to 5 %: the last steps settle the fine colour values the scorer reads.
+        fraction = 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / spec.vae_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = spec.vae_lr * fraction
+        pixels = random_crops(images, spec.vae_batch, spec.vae_crop, rng)
+        posterior = vae.encode(pixels).latent_dist
+        latents = posterior.mode()
+        # Noise at a tenth of the latents' spread: the decoder learns to tolerate the small errors
+        # of generated latents (sampling the posterior instead stalls a VAE this small).
+        noisy = latents + 0.1 * latents.detach().std() * torch.randn_like(latents)
+        decoded = vae.decode(noisy).sample
+        reconstruction = torch.nn.functional.mse_loss(decoded, pixels)
+        kl = posterior.kl().mean() / pixels[0].numel()
+        loss = reconstruction + spec.vae_kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        losses.append(reconstruction.item())
+        if step % 50 == 0 or step == spec.vae_steps:
+            elapsed = time.perf_counter() - started
+            log.info(
+                "vae step %d/%d | mse %.4f | kl %.1f | %.2f s/step",
+                step,
+                spec.vae_steps,
+                float(np.mean(losses[-50:])),
+                kl.item(),
+                elapsed / step,
+            )
+    vae.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def set_latent_normalisation(vae, images: list[Image.Image], batch: int = 16) -> tuple[float, float]:
+    """Measure the raw latents' mean and standard deviation; store them as shift/scaling factors."""
+    latents = []
+    for start in range(0, len(images), batch):
+        pixels = torch.stack([image_to_pixels(im) for im in images[start : start + batch]])
+        latents.append(vae.encode(pixels).latent_dist.mode())
+    stacked = torch.cat(latents)
+    shift, scale = float(stacked.mean()), float(1.0 / stacked.std())
+    vae.register_to_config(shift_factor=round(shift, 6), scaling_factor=round(scale, 6))
+    log.info("VAE latent normalisation: shift_factor %.4f, scaling_factor %.4f", shift, scale)
+    return shift, scale
