@@ -4,8 +4,8 @@
 
 Stages: the shapes dataset (256 px, held-out colour/shape pairs left out), the VAE, its latent
 normalisation, the frozen text encoders, the transformer (full-parameter, the LoRA loop), then
-FLUX.1-dev/ and FLUX.1-schnell/ (the same weights without the guidance embedder). About 12-15 min
-on 2 CPU cores; the same command uses a GPU when there is one.
+FLUX.1-dev/ and FLUX.1-schnell/ (the same weights without the guidance embedder). 17 min measured
+on one shared CPU core (bench/RESULTS.md); the same command uses a GPU when there is one.
 """
 
 from __future__ import annotations
