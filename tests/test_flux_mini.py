@@ -79,7 +79,8 @@ def test_schnell_is_dev_without_the_guidance_embedder(models):
         reference = schnell(**inputs)[0]
         for guidance in (1.0, 3.5):  # dev ignores guidance: its embedder outputs one constant
             out = dev(guidance=torch.tensor([guidance]), **inputs)[0]
-            torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
+            # fp16 files: the folded bias is rounded once more than dev's two biases
+            torch.testing.assert_close(out, reference, atol=2e-4, rtol=1e-3)
 
 
 @NOT_YET_DRAWING
