@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("output_dir", nargs="?", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--seed", type=int, default=MiniSpec.seed)
     parser.add_argument("--steps", type=int, default=MiniSpec.steps, help="transformer training steps")
+    parser.add_argument("--adapt-steps", type=int, default=MiniSpec.adapt_steps, help="full-length steps")
     parser.add_argument("--images", type=int, default=MiniSpec.images, help="training images")
     parser.add_argument("--vae-steps", type=int, default=MiniSpec.vae_steps)
     parser.add_argument(
@@ -141,7 +142,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    spec = MiniSpec(seed=args.seed, steps=args.steps, images=args.images, vae_steps=args.vae_steps)
+    spec = MiniSpec(
+        seed=args.seed,
+        steps=args.steps,
+        adapt_steps=args.adapt_steps,
+        images=args.images,
+        vae_steps=args.vae_steps,
+    )
     print(build_flux_mini(args.output_dir, spec))
 
 

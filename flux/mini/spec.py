@@ -32,10 +32,13 @@ class MiniSpec:
     rope_axes: tuple[int, int, int] = (8, 12, 12)  # sums to head_dim
     # Transformer training (full-parameter, through lora.training.train_parameters).
     images: int = 2400
-    steps: int = 500
+    steps: int = 1000  # phase 1: T5 sequences cut to short_text_tokens
     batch: int = 8
-    learning_rate: float = 1e-3
-    warmup_steps: int = 30
+    learning_rate: float = 1.5e-3
+    warmup_steps: int = 50
+    short_text_tokens: int = 32
+    adapt_steps: int = 120  # phase 2: the full 512 tokens dev reads at inference
+    adapt_learning_rate: float = 3e-4
     caption_dropout: float = 0.1
     seed: int = 0
     held_out_seed: int = 0  # held_out_pairs(held_out_seed) never appear in training

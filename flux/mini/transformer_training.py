@@ -10,6 +10,7 @@ dev accepts the guidance input and ignores it. That constant is what makes the s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -18,7 +19,7 @@ import torch
 from flux.loading import FluxModels
 from flux.mini.spec import MiniSpec
 from lora.buckets import Sample
-from lora.train_cache import build_cache
+from lora.train_cache import TensorStore, TrainingCache, build_cache
 from lora.train_config import TrainingConfig
 from lora.training import LoopResult, train_parameters
 
@@ -76,12 +77,67 @@ def train_transformer(
     transformer = models.transformers["dev"]
     side = spec.image_size
     samples = [Sample(index=i, width=side, height=side, resolution=side) for i in range(len(images))]
-    # T5 at the length dev reads at inference (512): the transformer learns with the pads it will see.
+    # T5 at the length dev reads at inference (512). Its pads embed to exact zeros (flux.mini.text),
+    # so the first 32 positions of these embeddings are exactly what a 32-token prompt gives.
     cache = build_cache(models, images, captions, samples, max_sequence_length, folder=None)
+    # Phase 1, short text: the ~500 identical pad tokens of a 512-token prompt take most of the
+    # attention at first and make a step 3-4x dearer; with 32 tokens the transformer learns to read
+    # the words sooner. Phase 2, full length: it adapts to the pads it meets at inference.
+    first = _train_phase(
+        transformer,
+        shortened(cache, spec.short_text_tokens),
+        samples,
+        spec,
+        models,
+        spec.steps,
+        spec.learning_rate,
+        spec.seed,
+        spec.warmup_steps,
+    )
+    second = _train_phase(
+        transformer,
+        cache,
+        samples,
+        spec,
+        models,
+        spec.adapt_steps,
+        spec.adapt_learning_rate,
+        spec.seed + 1,
+        spec.adapt_steps // 10,
+    )
+    return LoopResult(
+        losses=first.losses + second.losses,
+        optimizer=first.optimizer,
+        gradient_checkpointing=first.gradient_checkpointing,
+        seconds=first.seconds + second.seconds,
+    )
+
+
+def shortened(cache: TrainingCache, tokens: int) -> TrainingCache:
+    """The same cache with every T5 sequence cut to its first `tokens` positions."""
+    texts = TensorStore(None)
+    for number in range(max(*cache.caption_of_sample, cache.empty_caption) + 1):
+        entry = cache.texts.get(str(number))
+        texts.put(str(number), {"prompt": entry["prompt"][:tokens], "pooled": entry["pooled"]})
+    return dataclasses.replace(cache, texts=texts)
+
+
+def _train_phase(
+    transformer,
+    cache,
+    samples,
+    spec: MiniSpec,
+    models: FluxModels,
+    steps: int,
+    learning_rate: float,
+    seed: int,
+    warmup: int,
+) -> LoopResult:
+    side = spec.image_size
     config = TrainingConfig(
         trigger_word="",
-        steps=spec.steps,
-        learning_rate=spec.learning_rate,
+        steps=steps,
+        learning_rate=learning_rate,
         batch_size=spec.batch,
         resolutions=(side,),
         lora_rank=1,  # unused in full-parameter mode
@@ -90,7 +146,7 @@ def train_transformer(
         cache_latents_to_disk=False,
         layers_to_optimize_regex=None,
         gradient_checkpointing=False,
-        seed=spec.seed,
+        seed=seed,
         hf_repo_id=None,
     )
     return train_parameters(
@@ -101,7 +157,7 @@ def train_transformer(
         config,
         models.scheduler_configs["dev"],
         log_every=25,
-        lr_schedule=warmup_cosine(spec.warmup_steps, spec.steps),
+        lr_schedule=warmup_cosine(max(1, warmup), steps),
         what="every flux-mini transformer weight",
     )
 
