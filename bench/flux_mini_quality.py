@@ -7,7 +7,9 @@ reference, on seen pairs; seed variety (spread of the scored shape centres); img
 prompt_strength; inpainting (change inside the mask, difference outside); and "training teaches":
 a LoRA trained on hearts captioned TOK through lora.train_job.run_training, then the share of
 "a TOK on a white background" images scored as hearts, and known-shape accuracy with the LoRA
-relative to without. All at 256x256, dev, its default 28 steps, seeds fixed.
+relative to without. All at 256x256, dev, its default 28 steps, seeds fixed; img2img and inpainting
+call the diffusers pipelines on the loaded components directly (quality.edit), because the request
+path sizes their outputs by megapixels (at least 512 px), a size flux-mini never trained at.
 """
 
 from __future__ import annotations
@@ -88,8 +90,7 @@ def img2img(models, count: int, work: Path) -> dict:
     for strength in (0.3, 0.95):
         kept_colour = kept_place = follows = 0
         for i, attrs in enumerate(sources(count)):
-            path = quality.save_temp_png(quality.source_image(attrs), work, f"source{i}.png")
-            score = score_image(quality.draw(models, prompt, i, image=path, prompt_strength=strength))
+            score = score_image(quality.edit(models, prompt, i, quality.source_image(attrs), strength))
             centre = (attrs.center[0] / attrs.image_size, attrs.center[1] / attrs.image_size)
             kept_colour += score.color == attrs.color
             kept_place += quality.centre_distance(score.center, centre) < 0.1
@@ -107,12 +108,10 @@ def inpainting(models, count: int, work: Path) -> dict:
     inside, outside, red_inside = [], [], 0
     mask = Image.new("L", (quality.SIDE, quality.SIDE), 0)
     mask.paste(255, (quality.SIDE // 2, 0, quality.SIDE, quality.SIDE))  # repaint the right half
-    mask_path = quality.save_temp_png(mask, work, "mask.png")
     region = np.asarray(mask) > 127
     for i, attrs in enumerate(sources(count)):
         source = quality.source_image(attrs)
-        path = quality.save_temp_png(source, work, f"inpaint{i}.png")
-        out = quality.draw(models, prompt, i, image=path, mask=mask_path, prompt_strength=1.0)
+        out = quality.edit(models, prompt, i, source, 1.0, mask=mask)
         diff = np.abs(np.asarray(out, dtype=np.float32) - np.asarray(source, dtype=np.float32)).mean(-1)
         inside.append(float(diff[region].mean()))
         outside.append(float(diff[~region].mean()))
