@@ -14,6 +14,13 @@ DIR/gpu_speed.json (DIR/baseline.json from the baseline).
 --tiny runs everything on the CPU at toy size in about a minute (a smoke test of the script); there the
 fast path is the float32 emulation of the fp8 math (CPUs have no fp8 tensor cores).
 
+On the lent H200 (no diffusers there, no network, ../shared does not travel), prepare two ignored folders
+and carry them:
+    .venv/bin/pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl
+    mkdir -p .gpu && cp ../shared/bench/diffusers_baseline.py .gpu/
+then, on the device: pip install --no-index --no-deps --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site
+python3 bench/gpu_speed.py --out $OUT --budget 480 --baseline .gpu/diffusers_baseline.py
+
 Not measured here: training step time and the low-memory training mode (the baseline prints the
 diffusers/peft training steps; the project's trainer needs its own script).
 """
