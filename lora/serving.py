@@ -18,7 +18,8 @@ from lora.apply import LoraFuser
 from lora.formats import CanonicalLora, read_lora_file
 from weights.errors import UserInputError
 from weights.lora_cache import LoraCache
-from weights.lora_source import display_reference, fetch_lora
+from weights.lora_reference import display_reference
+from weights.lora_source import fetch_lora
 
 log = logging.getLogger(__name__)
 

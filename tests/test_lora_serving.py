@@ -45,7 +45,7 @@ def test_choose_loras_rules():
 
 
 def test_references_are_logged_short_and_without_tokens():
-    from weights.lora_source import display_reference
+    from weights.lora_reference import display_reference
 
     assert display_reference("data:application/x-tar;base64," + "A" * 4096) == "data:application/x-tar (3 kB)"
     assert (

@@ -15,7 +15,7 @@ import pytest
 from tests.http_fixture import FixtureServer, fixture_server, safetensors_bytes, tar_bytes, zip_bytes
 from weights.errors import UserInputError
 from weights.lora_cache import LoraCache
-from weights.lora_source import (
+from weights.lora_reference import (
     CivitaiSource,
     DataSource,
     HfSource,
@@ -23,10 +23,9 @@ from weights.lora_source import (
     LoraReferenceError,
     ReplicateSource,
     UrlSource,
-    fetch_lora,
     parse_lora_reference,
-    source_key,
 )
+from weights.lora_source import fetch_lora, source_key
 
 __all__ = ["fixture_server"]
 

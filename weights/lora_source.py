@@ -1,25 +1,8 @@
 """From a user's LoRA reference string to a verified local .safetensors file.
 
-`fetch_lora(reference, cache)` is the one entry point. A reference is one of:
-
-  local path         /abs/x.safetensors, ./x.safetensors, ~/x.safetensors, file:///abs/x, or a
-                     relative path naming an existing file; also a .tar/.zip holding one
-                     .safetensors, or a folder holding exactly one .safetensors
-  https URL          to a .safetensors, or to a .tar/.zip holding exactly one (trainer output)
-  Hugging Face       hf:owner/repo[/file.safetensors], huggingface.co/owner/repo[/file.safetensors],
-                     https://huggingface.co/owner/repo/(blob|resolve|tree)/<rev>[/<file>],
-                     owner/repo/file.safetensors (a path ending in .safetensors is a file in a repo)
-  Replicate          replicate:owner/model[/version], owner/model/<hex version id>,
-                     owner/model:<version>, replicate.com/owner/model[/versions/<id>][/_weights],
-                     https://replicate.delivery/... (a plain URL)
-  CivitAI            https://civitai.com/models/<id>[/<slug>][?modelVersionId=<v>],
-                     https://civitai.com/api/download/models/<versionId>
-  data: URL          base64 (or percent-encoded) bytes of a .safetensors, .tar or .zip
-
-The `owner/name` rule: both Hugging Face and Replicate use this form. A bare `owner/name` is
-looked up on Hugging Face first; when Hugging Face answers that it has no such repo (404, or 401,
-which it also returns for a missing repo), the Replicate model `owner/name` is tried. The error
-then names both. `hf:` or `replicate:` in front picks one and skips the other lookup.
+`fetch_lora(reference, cache)` is the one entry point. The reference forms are listed in
+weights.lora_reference (parsing); weights.lora_hosts reaches Hugging Face, Replicate and CivitAI.
+This module handles local paths and data: URLs itself.
 
 Nothing but safetensors gets through: what arrives is classified by its bytes (weights.archive),
 pickle files are refused unread, and the result is checked before it enters the cache.
@@ -30,10 +13,8 @@ so a repeated reference costs no network request. A reference that follows somet
 name a revision or version to pin it.
 
 Environment (read at each call, so tests and the server can change it):
-  HF_TOKEN, REPLICATE_API_TOKEN, CIVITAI_API_TOKEN  sent as Bearer tokens, only to their service
-  HF_ENDPOINT (https://huggingface.co), FLUX_REPLICATE_BASE_URL (https://replicate.com),
-  FLUX_CIVITAI_BASE_URL (https://civitai.com)       where those services are reached
   FLUX_LORA_MAX_DOWNLOAD_GB (2), FLUX_LORA_DOWNLOAD_TIMEOUT_S (60)
+  (the services' tokens and endpoints: see weights.lora_hosts)
 """
 
 from __future__ import annotations
@@ -45,11 +26,9 @@ import logging
 import os
 import re
 import urllib.parse
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from weights.archive import (
-    ONLY_SAFETENSORS,
     ArchiveError,
     NotSafetensorsError,
     extract_single_safetensors,
@@ -57,226 +36,34 @@ from weights.archive import (
     sniff,
     verify_safetensors,
 )
-from weights.download import GIB, Auth, DownloadError, DownloadLimits, download_to_file, fetch_json, host_of
+from weights.download import GIB, Auth, DownloadError, DownloadLimits, download_to_file
 from weights.download import redact as _redact
 from weights.errors import UserInputError
 from weights.lora_cache import LoraCache
+from weights.lora_hosts import (
+    civitai_base,
+    download_civitai,
+    download_hf,
+    download_replicate,
+    hf_endpoint,
+    replicate_base,
+)
+from weights.lora_reference import (
+    ACCEPTED,
+    ACCEPTED_REMOTE,
+    CivitaiSource,
+    DataSource,
+    HfSource,
+    LocalSource,
+    LoraReferenceError,
+    LoraSource,
+    ReplicateSource,
+    UrlSource,
+    parse_lora_reference,
+    refuse_pickle_name,
+)
 
 log = logging.getLogger(__name__)
-
-_REMOTE_FORMS = (
-    "a Hugging Face repo (owner/repo, huggingface.co/owner/repo[/file.safetensors], hf:owner/repo), "
-    "a Replicate model (owner/model[/version], replicate.com/owner/model, replicate:owner/model), "
-    "a CivitAI model URL (https://civitai.com/models/<id>), an https URL to a .safetensors, .tar or .zip"
-)
-ACCEPTED = f"expected {_REMOTE_FORMS}, a data: URL, or a local path"
-ACCEPTED_REMOTE = f"expected {_REMOTE_FORMS}, or a data: URL"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_HF_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
-_REPLICATE_HOSTS = ("replicate.com", "www.replicate.com")
-_CIVITAI_HOSTS = ("civitai.com", "www.civitai.com")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_VERSION = re.compile(r"^[0-9a-f]{12,64}$")
-
-
-class LoraReferenceError(ValueError):
-    """A reference that cannot be used; fetch_lora turns it into UserInputError."""
-
-
-# --- what a reference names ---
-
-
-@dataclass(frozen=True)
-class LocalSource:
-    path: Path
-
-
-@dataclass(frozen=True)
-class UrlSource:
-    url: str
-
-
-@dataclass(frozen=True)
-class DataSource:
-    url: str
-
-
-@dataclass(frozen=True)
-class HfSource:
-    repo_id: str
-    revision: str = "main"
-    filename: str | None = None
-    or_replicate: bool = False  # a bare owner/name: try Replicate when Hugging Face has no such repo
-
-
-@dataclass(frozen=True)
-class ReplicateSource:
-    owner: str
-    model: str
-    version: str | None = None
-
-
-@dataclass(frozen=True)
-class CivitaiSource:
-    model_id: str | None
-    version_id: str | None
-    query: str = ""  # the download URL's own query (type/format/size), without any token
-    # A token pasted into a download URL (?token=...): used, but kept out of the cache key and repr.
-    url_token: str | None = field(default=None, compare=False, repr=False)
-
-
-LoraSource = LocalSource | UrlSource | DataSource | HfSource | ReplicateSource | CivitaiSource
-
-
-def parse_lora_reference(reference: str) -> LoraSource:
-    """Classify a reference without touching the network (raises LoraReferenceError)."""
-    ref = reference.strip()
-    if not ref:
-        raise LoraReferenceError(f"the reference is empty; {ACCEPTED}")
-    lower = ref.lower()
-    if lower.startswith("data:"):
-        return DataSource(ref)
-    if lower.startswith(("hf:", "huggingface:")):
-        return _parse_hf_path(ref.split(":", 1)[1].strip("/"), explicit=True)
-    if lower.startswith("replicate:"):
-        return _parse_replicate_path(ref.split(":", 1)[1].strip("/"))
-    if lower.startswith("file://"):
-        return LocalSource(Path(urllib.parse.unquote(urllib.parse.urlsplit(ref).path)))
-    if ref.startswith(("/", "./", "../", "~")):
-        return LocalSource(Path(ref).expanduser())
-    if "://" in ref:
-        return _parse_url(ref)
-    first = ref.split("/", 1)[0].lower()
-    if first in _HF_HOSTS + _REPLICATE_HOSTS + _CIVITAI_HOSTS or first.endswith("replicate.delivery"):
-        return _parse_url("https://" + ref)
-    if Path(ref).exists():
-        return LocalSource(Path(ref))
-    return _parse_bare(ref)
-
-
-def _parse_url(url: str) -> LoraSource:
-    parts = urllib.parse.urlsplit(url)
-    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
-    if scheme not in ("http", "https"):
-        raise LoraReferenceError(
-            f"only http(s) and data: URLs are supported, got a {scheme}: URL; {ACCEPTED}"
-        )
-    if not host:
-        raise LoraReferenceError(f"the URL has no host; {ACCEPTED}")
-    segments = [urllib.parse.unquote(s) for s in parts.path.split("/") if s]
-    if host in _HF_HOSTS:
-        return _parse_hf_url(segments)
-    if host in _REPLICATE_HOSTS:
-        return _parse_replicate_url(segments)
-    if host in _CIVITAI_HOSTS:
-        return _parse_civitai_url(segments, parts.query)
-    _refuse_pickle_name(parts.path)
-    normalised = urllib.parse.urlunsplit((scheme, parts.netloc.lower(), parts.path or "/", parts.query, ""))
-    return UrlSource(normalised)
-
-
-def _parse_hf_url(segments: list[str]) -> HfSource:
-    usage = "a Hugging Face URL looks like huggingface.co/owner/repo[/blob/<rev>/<file>.safetensors]"
-    if segments and segments[0] in ("datasets", "spaces"):
-        raise LoraReferenceError(f"only Hugging Face model repos are supported, not {segments[0]}; {usage}")
-    if len(segments) < 2:
-        raise LoraReferenceError(usage)
-    repo_id = _repo_id(segments[0], segments[1])
-    rest = segments[2:]
-    if not rest:
-        return HfSource(repo_id)
-    if rest[0] in ("blob", "resolve", "tree") and len(rest) >= 2:
-        filename = "/".join(rest[2:]) or None
-        if rest[0] != "tree" and filename is None:
-            raise LoraReferenceError(f"the URL names a revision but no file; {usage}")
-        if filename is not None:
-            _check_hf_filename(filename)
-        return HfSource(repo_id, revision=rest[1], filename=filename)
-    filename = "/".join(rest)
-    _check_hf_filename(filename)
-    return HfSource(repo_id, filename=filename)
-
-
-def _parse_hf_path(path: str, explicit: bool) -> HfSource:
-    segments = [s for s in path.split("/") if s]
-    if len(segments) < 2:
-        raise LoraReferenceError("a Hugging Face reference is owner/repo[/file.safetensors]")
-    repo_id = _repo_id(segments[0], segments[1])
-    filename = "/".join(segments[2:]) or None
-    if filename is not None:
-        _check_hf_filename(filename)
-    return HfSource(repo_id, filename=filename, or_replicate=not explicit and filename is None)
-
-
-def _parse_replicate_path(path: str) -> ReplicateSource:
-    segments = [s for s in path.replace(":", "/").split("/") if s]
-    if segments[2:3] == ["versions"]:
-        del segments[2]
-    if segments[-1:] == ["_weights"]:
-        segments.pop()
-    if len(segments) not in (2, 3):
-        raise LoraReferenceError("a Replicate reference is owner/model or owner/model/<version id>")
-    _repo_id(segments[0], segments[1])
-    version = segments[2] if len(segments) == 3 else None
-    if version is not None and not _VERSION.match(version):
-        raise LoraReferenceError(f"{version!r} is not a Replicate version id (64 hex digits)")
-    return ReplicateSource(segments[0], segments[1], version)
-
-
-def _parse_replicate_url(segments: list[str]) -> ReplicateSource:
-    if len(segments) < 2:
-        raise LoraReferenceError("a Replicate URL looks like replicate.com/owner/model[/versions/<id>]")
-    return _parse_replicate_path("/".join(segments))
-
-
-def _parse_civitai_url(segments: list[str], query: str) -> CivitaiSource:
-    params = urllib.parse.parse_qs(query)
-    if segments[:1] == ["models"] and len(segments) >= 2 and segments[1].isdigit():
-        version = params.get("modelVersionId", [None])[0]
-        if version is not None and not version.isdigit():
-            raise LoraReferenceError(f"modelVersionId must be a number, got {version!r}")
-        return CivitaiSource(segments[1], version)
-    if segments[:3] == ["api", "download", "models"] and len(segments) == 4 and segments[3].isdigit():
-        pairs = urllib.parse.parse_qsl(query)
-        kept = [(k, v) for k, v in pairs if k.lower() != "token"]
-        token = next((v for k, v in pairs if k.lower() == "token"), None)
-        return CivitaiSource(None, segments[3], urllib.parse.urlencode(kept), url_token=token)
-    raise LoraReferenceError(
-        "a CivitAI reference is https://civitai.com/models/<id>[?modelVersionId=<v>] "
-        "or https://civitai.com/api/download/models/<versionId>"
-    )
-
-
-def _parse_bare(ref: str) -> LoraSource:
-    _refuse_pickle_name(ref)
-    segments = ref.split("/")
-    if len(segments) == 2 and ":" in segments[1]:
-        return _parse_replicate_path(ref)  # owner/model:version, as replicate.run writes it
-    if len(segments) == 1 or (len(segments) == 2 and segments[1].lower().endswith(".safetensors")):
-        raise LoraReferenceError(f"no such local file; {ACCEPTED}")
-    if len(segments) == 3 and _VERSION.match(segments[2]):
-        return _parse_replicate_path(ref)
-    if len(segments) == 2 or segments[-1].lower().endswith(".safetensors"):
-        return _parse_hf_path(ref, explicit=False)
-    raise LoraReferenceError(ACCEPTED)
-
-
-def _repo_id(owner: str, name: str) -> str:
-    for part in (owner, name):
-        if not _NAME.match(part) or ".." in part or part.endswith("."):
-            raise LoraReferenceError(f"{part!r} is not a valid owner or repository/model name; {ACCEPTED}")
-    return f"{owner}/{name}"
-
-
-def _check_hf_filename(filename: str) -> None:
-    if any(p in ("", ".", "..") for p in filename.split("/")):
-        raise LoraReferenceError(f"{filename!r} is not a valid file name inside a repo")
-    _refuse_pickle_name(filename)
-
-
-def _refuse_pickle_name(name: str) -> None:
-    if name.lower().endswith(PICKLE_SUFFIXES):
-        raise LoraReferenceError(f"{Path(name).name} is a pickle format; {ONLY_SAFETENSORS}")
 
 
 # --- cache keys ---
@@ -289,14 +76,14 @@ def source_key(source: LoraSource) -> str:
     if isinstance(source, DataSource):
         return "data:sha256:" + hashlib.sha256(source.url.encode("utf-8")).hexdigest()
     if isinstance(source, HfSource):
-        key = f"hf:{_hf_endpoint()}:{source.repo_id}@{source.revision}:{source.filename or '*'}"
-        return key + (f"|replicate:{_replicate_base()}" if source.or_replicate else "")
+        key = f"hf:{hf_endpoint()}:{source.repo_id}@{source.revision}:{source.filename or '*'}"
+        return key + (f"|replicate:{replicate_base()}" if source.or_replicate else "")
     if isinstance(source, ReplicateSource):
-        return f"replicate:{_replicate_base()}:{source.owner}/{source.model}@{source.version or 'latest'}"
+        return f"replicate:{replicate_base()}:{source.owner}/{source.model}@{source.version or 'latest'}"
     if isinstance(source, CivitaiSource):
         if source.version_id is not None:
-            return f"civitai:{_civitai_base()}:version={source.version_id}?{source.query}"
-        return f"civitai:{_civitai_base()}:model={source.model_id}"
+            return f"civitai:{civitai_base()}:version={source.version_id}?{source.query}"
+        return f"civitai:{civitai_base()}:model={source.model_id}"
     raise TypeError(f"no cache key for {source!r}")
 
 
@@ -373,7 +160,7 @@ def _fetch_local(path: Path, cache: LoraCache, limits: DownloadLimits) -> Path:
         path = found[0]
     if not path.is_file():
         raise LoraReferenceError(f"no such local file: {path}")
-    _refuse_pickle_name(path.name)
+    refuse_pickle_name(path.name)
     kind = sniff(path)
     if kind == "safetensors":
         _verified(path, f"local file {path}")
@@ -401,11 +188,11 @@ def _produce(source: LoraSource, workdir: Path, limits: DownloadLimits) -> Path:
     elif isinstance(source, UrlSource):
         what = _download(source.url, raw, None, limits)
     elif isinstance(source, HfSource):
-        what = _download_hf(source, raw, limits)
+        what = download_hf(source, raw, limits)
     elif isinstance(source, ReplicateSource):
-        what = _download_replicate(source, raw, limits)
+        what = download_replicate(source, raw, limits)
     elif isinstance(source, CivitaiSource):
-        what = _download_civitai(source, raw, limits)
+        what = download_civitai(source, raw, limits)
     else:
         raise TypeError(f"cannot download {source!r}")
     kind = sniff(raw)
@@ -436,191 +223,6 @@ def _download(url: str, dest: Path, auth: Auth | None, limits: DownloadLimits) -
     return f"the file at {_redact(url)}"
 
 
-# --- Hugging Face ---
-
-
-def _hf_endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-
-
-def _hf_auth() -> Auth:
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    return Auth(host_of(_hf_endpoint()), f"Bearer {token}" if token else None, "HF_TOKEN")
-
-
-def _download_hf(source: HfSource, dest: Path, limits: DownloadLimits) -> str:
-    endpoint, auth = _hf_endpoint(), _hf_auth()
-    filename = source.filename
-    if filename is None:
-        try:
-            filename = _pick_hf_file(source, endpoint, auth, limits)
-        except DownloadError as err:
-            if source.or_replicate and err.kind in ("not_found", "auth"):
-                return _replicate_after_hf(source, dest, limits, err)
-            raise _hf_error(source, err) from None
-    url = "/".join(
-        (
-            endpoint,
-            source.repo_id,
-            "resolve",
-            urllib.parse.quote(source.revision, safe=""),
-            urllib.parse.quote(filename),
-        )
-    )
-    try:
-        download_to_file(url, dest, auth=auth, limits=limits)
-    except DownloadError as err:
-        raise _hf_error(source, err, filename) from None
-    return f"{filename} from Hugging Face repo {source.repo_id}"
-
-
-def _pick_hf_file(source: HfSource, endpoint: str, auth: Auth, limits: DownloadLimits) -> str:
-    url = f"{endpoint}/api/models/{source.repo_id}/revision/{urllib.parse.quote(source.revision, safe='')}"
-    info = fetch_json(url, auth=auth, limits=limits)
-    siblings = info.get("siblings") if isinstance(info, dict) else None
-    if not isinstance(siblings, list):
-        raise LoraReferenceError(f"Hugging Face did not list the files of {source.repo_id}")
-    files = [s["rfilename"] for s in siblings if isinstance(s, dict) and isinstance(s.get("rfilename"), str)]
-    weights = sorted(f for f in files if f.lower().endswith(".safetensors"))
-    if len(weights) == 1:
-        log.info("Hugging Face repo %s: using its one .safetensors file, %s", source.repo_id, weights[0])
-        return weights[0]
-    if not weights:
-        pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
-        extra = f" (it has {', '.join(pickles[:10])}; {ONLY_SAFETENSORS})" if pickles else ""
-        raise LoraReferenceError(f"Hugging Face repo {source.repo_id} has no .safetensors file{extra}")
-    raise LoraReferenceError(
-        f"Hugging Face repo {source.repo_id} has {len(weights)} .safetensors files: {', '.join(weights[:30])}; "
-        f"name one, e.g. {source.repo_id}/{weights[0]}"
-    )
-
-
-def _hf_error(source: HfSource, err: DownloadError, filename: str | None = None) -> DownloadError:
-    target = f"{source.repo_id}/{filename}" if filename else f"repo {source.repo_id}"
-    if err.kind == "auth":
-        hint = (
-            "the HF_TOKEN set cannot read it"
-            if _hf_auth().header
-            else "the repo may be private or gated, or may not exist: set HF_TOKEN to read a private repo"
-        )
-        message = f"Hugging Face refused access to {target} (HTTP {err.status}): {hint}"
-    elif err.kind == "not_found":
-        message = f"Hugging Face has no {target} at revision {source.revision} (HTTP {err.status}: {_redact(err.url)})"
-    else:
-        message = f"Hugging Face {target}: {err}"
-    return DownloadError(err.kind, err.url, message, err.status)
-
-
-def _replicate_after_hf(source: HfSource, dest: Path, limits: DownloadLimits, hf_err: DownloadError) -> str:
-    owner, model = source.repo_id.split("/")
-    log.info(
-        "%s is not a Hugging Face repo (HTTP %s); trying the Replicate model", source.repo_id, hf_err.status
-    )
-    try:
-        return _download_replicate(ReplicateSource(owner, model), dest, limits)
-    except DownloadError as err:
-        if err.kind not in ("not_found", "auth"):
-            raise
-        raise LoraReferenceError(
-            f"{source.repo_id} was looked up on Hugging Face (HTTP {hf_err.status}) and on Replicate "
-            f"(HTTP {err.status}) and neither returned it; private repos/models need HF_TOKEN or "
-            "REPLICATE_API_TOKEN; write hf:owner/repo or replicate:owner/model to pick one"
-        ) from None
-
-
-# --- Replicate ---
-
-
-def _replicate_base() -> str:
-    return (os.environ.get("FLUX_REPLICATE_BASE_URL") or "https://replicate.com").rstrip("/")
-
-
-def _download_replicate(source: ReplicateSource, dest: Path, limits: DownloadLimits) -> str:
-    """A Replicate model's `_weights` URL redirects to the trained weights (a tar)."""
-    base = _replicate_base()
-    token = os.environ.get("REPLICATE_API_TOKEN")
-    auth = Auth(host_of(base), f"Bearer {token}" if token else None, "REPLICATE_API_TOKEN")
-    name = f"{source.owner}/{source.model}"
-    path = f"{name}/versions/{source.version}/_weights" if source.version else f"{name}/_weights"
-    try:
-        download_to_file(f"{base}/{path}", dest, auth=auth, limits=limits)
-    except DownloadError as err:
-        shown = f"{name}" + (f" version {source.version}" if source.version else "")
-        if err.kind == "not_found":
-            message = (
-                f"Replicate has no weights for {shown} ({_redact(err.url)}): check the name; only "
-                "trained models have downloadable weights; a private model needs REPLICATE_API_TOKEN"
-            )
-        elif err.kind == "auth":
-            message = f"Replicate refused access to {shown} (HTTP {err.status}): set REPLICATE_API_TOKEN"
-        else:
-            message = f"Replicate model {shown}: {err}"
-        raise DownloadError(err.kind, err.url, message, err.status) from None
-    return f"the weights of Replicate model {name}"
-
-
-# --- CivitAI ---
-
-
-def _civitai_base() -> str:
-    return (os.environ.get("FLUX_CIVITAI_BASE_URL") or "https://civitai.com").rstrip("/")
-
-
-_LORA_TYPES = {"lora", "locon", "dora", "lycoris"}
-
-
-def _download_civitai(source: CivitaiSource, dest: Path, limits: DownloadLimits) -> str:
-    base = _civitai_base()
-    token = source.url_token or os.environ.get("CIVITAI_API_TOKEN")
-    auth = Auth(host_of(base), f"Bearer {token}" if token else None, "CIVITAI_API_TOKEN")
-    version = source.version_id
-    if version is None:
-        version = _latest_civitai_version(source.model_id or "", base, auth, limits)
-    query = source.query or "type=Model&format=SafeTensor"
-    url = f"{base}/api/download/models/{version}?{query}"
-    try:
-        download_to_file(url, dest, auth=auth, limits=limits)
-    except DownloadError as err:
-        if err.kind == "auth":
-            message = f"CivitAI requires a login for model version {version}: set CIVITAI_API_TOKEN"
-        elif err.kind == "not_found":
-            message = (
-                f"CivitAI has no model version {version} ({_redact(err.url)}); the number in a download "
-                "link is a version id, not the model id of the model page"
-            )
-        else:
-            message = f"CivitAI model version {version}: {err}"
-        raise DownloadError(err.kind, err.url, message, err.status) from None
-    return f"CivitAI model version {version}"
-
-
-def _latest_civitai_version(model_id: str, base: str, auth: Auth, limits: DownloadLimits) -> str:
-    try:
-        info = fetch_json(f"{base}/api/v1/models/{model_id}", auth=auth, limits=limits)
-    except DownloadError as err:
-        if err.kind == "not_found":
-            raise LoraReferenceError(f"CivitAI has no model {model_id}") from None
-        raise
-    if not isinstance(info, dict):
-        raise LoraReferenceError(f"CivitAI gave no information for model {model_id}")
-    kind = str(info.get("type") or "")
-    if kind and kind.lower() not in _LORA_TYPES:
-        raise LoraReferenceError(f"CivitAI model {model_id} is a {kind}, not a LoRA")
-    versions = info.get("modelVersions")
-    if not isinstance(versions, list) or not versions or not isinstance(versions[0], dict):
-        raise LoraReferenceError(f"CivitAI model {model_id} has no versions to download")
-    newest = versions[0]  # CivitAI lists the newest version first
-    if "id" not in newest:
-        raise LoraReferenceError(f"CivitAI model {model_id} has no versions to download")
-    base_model = str(newest.get("baseModel") or "")
-    if base_model and "flux" not in base_model.lower():
-        log.warning(
-            "CivitAI model %s version %s is made for %s, not FLUX", model_id, newest["id"], base_model
-        )
-    log.info("CivitAI model %s: using its newest version %s (%s)", model_id, newest["id"], newest.get("name"))
-    return str(newest["id"])
-
-
 # --- data: URLs ---
 
 
@@ -644,13 +246,3 @@ def _decode_data_url(url: str, dest: Path, max_bytes: int) -> None:
         raise LoraReferenceError("the data: URL holds no data")
     with open(dest, "wb") as out:
         out.write(data)
-
-
-def display_reference(reference: str, limit: int = 120) -> str:
-    """A reference as logs show it: data: URLs by type and size, URLs without their query (tokens)."""
-    if reference.startswith("data:"):
-        header, _, payload = reference.partition(",")
-        return f"{header.split(';')[0]} ({len(payload) * 3 // 4 // 1024} kB)"
-    if "://" in reference:
-        reference = _redact(reference)
-    return reference if len(reference) <= limit else reference[:limit] + "..."

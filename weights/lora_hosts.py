@@ -1,0 +1,218 @@
+"""Turning Hugging Face, Replicate and CivitAI sources into downloads: URLs, tokens, lookups.
+
+Each `download_*` function writes the raw file a source names (a .safetensors, or a tar/zip from
+a trainer) to `dest` and returns a description for messages; weights.lora_source verifies it.
+
+A bare `owner/name` (HfSource with or_replicate) follows the `owner/name` rule described in
+weights.lora_reference: Hugging Face first, then the Replicate model of that name.
+
+Environment (read at each call, so tests and the server can change it):
+  HF_TOKEN, REPLICATE_API_TOKEN, CIVITAI_API_TOKEN  sent as Bearer tokens, only to their service
+  HF_ENDPOINT (https://huggingface.co), FLUX_REPLICATE_BASE_URL (https://replicate.com),
+  FLUX_CIVITAI_BASE_URL (https://civitai.com)       where those services are reached
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.parse
+from pathlib import Path
+
+from weights.archive import ONLY_SAFETENSORS
+from weights.download import Auth, DownloadError, DownloadLimits, download_to_file, fetch_json, host_of
+from weights.download import redact as _redact
+from weights.lora_reference import (
+    PICKLE_SUFFIXES,
+    CivitaiSource,
+    HfSource,
+    LoraReferenceError,
+    ReplicateSource,
+)
+
+log = logging.getLogger(__name__)
+
+
+# --- Hugging Face ---
+
+
+def hf_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def _hf_auth() -> Auth:
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    return Auth(host_of(hf_endpoint()), f"Bearer {token}" if token else None, "HF_TOKEN")
+
+
+def download_hf(source: HfSource, dest: Path, limits: DownloadLimits) -> str:
+    endpoint, auth = hf_endpoint(), _hf_auth()
+    filename = source.filename
+    if filename is None:
+        try:
+            filename = _pick_hf_file(source, endpoint, auth, limits)
+        except DownloadError as err:
+            if source.or_replicate and err.kind in ("not_found", "auth"):
+                return _replicate_after_hf(source, dest, limits, err)
+            raise _hf_error(source, err) from None
+    url = "/".join(
+        (
+            endpoint,
+            source.repo_id,
+            "resolve",
+            urllib.parse.quote(source.revision, safe=""),
+            urllib.parse.quote(filename),
+        )
+    )
+    try:
+        download_to_file(url, dest, auth=auth, limits=limits)
+    except DownloadError as err:
+        raise _hf_error(source, err, filename) from None
+    return f"{filename} from Hugging Face repo {source.repo_id}"
+
+
+def _pick_hf_file(source: HfSource, endpoint: str, auth: Auth, limits: DownloadLimits) -> str:
+    url = f"{endpoint}/api/models/{source.repo_id}/revision/{urllib.parse.quote(source.revision, safe='')}"
+    info = fetch_json(url, auth=auth, limits=limits)
+    siblings = info.get("siblings") if isinstance(info, dict) else None
+    if not isinstance(siblings, list):
+        raise LoraReferenceError(f"Hugging Face did not list the files of {source.repo_id}")
+    files = [s["rfilename"] for s in siblings if isinstance(s, dict) and isinstance(s.get("rfilename"), str)]
+    weights = sorted(f for f in files if f.lower().endswith(".safetensors"))
+    if len(weights) == 1:
+        log.info("Hugging Face repo %s: using its one .safetensors file, %s", source.repo_id, weights[0])
+        return weights[0]
+    if not weights:
+        pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
+        extra = f" (it has {', '.join(pickles[:10])}; {ONLY_SAFETENSORS})" if pickles else ""
+        raise LoraReferenceError(f"Hugging Face repo {source.repo_id} has no .safetensors file{extra}")
+    raise LoraReferenceError(
+        f"Hugging Face repo {source.repo_id} has {len(weights)} .safetensors files: {', '.join(weights[:30])}; "
+        f"name one, e.g. {source.repo_id}/{weights[0]}"
+    )
+
+
+def _hf_error(source: HfSource, err: DownloadError, filename: str | None = None) -> DownloadError:
+    target = f"{source.repo_id}/{filename}" if filename else f"repo {source.repo_id}"
+    if err.kind == "auth":
+        hint = (
+            "the HF_TOKEN set cannot read it"
+            if _hf_auth().header
+            else "the repo may be private or gated, or may not exist: set HF_TOKEN to read a private repo"
+        )
+        message = f"Hugging Face refused access to {target} (HTTP {err.status}): {hint}"
+    elif err.kind == "not_found":
+        message = f"Hugging Face has no {target} at revision {source.revision} (HTTP {err.status}: {_redact(err.url)})"
+    else:
+        message = f"Hugging Face {target}: {err}"
+    return DownloadError(err.kind, err.url, message, err.status)
+
+
+def _replicate_after_hf(source: HfSource, dest: Path, limits: DownloadLimits, hf_err: DownloadError) -> str:
+    owner, model = source.repo_id.split("/")
+    log.info(
+        "%s is not a Hugging Face repo (HTTP %s); trying the Replicate model", source.repo_id, hf_err.status
+    )
+    try:
+        return download_replicate(ReplicateSource(owner, model), dest, limits)
+    except DownloadError as err:
+        if err.kind not in ("not_found", "auth"):
+            raise
+        raise LoraReferenceError(
+            f"{source.repo_id} was looked up on Hugging Face (HTTP {hf_err.status}) and on Replicate "
+            f"(HTTP {err.status}) and neither returned it; private repos/models need HF_TOKEN or "
+            "REPLICATE_API_TOKEN; write hf:owner/repo or replicate:owner/model to pick one"
+        ) from None
+
+
+# --- Replicate ---
+
+
+def replicate_base() -> str:
+    return (os.environ.get("FLUX_REPLICATE_BASE_URL") or "https://replicate.com").rstrip("/")
+
+
+def download_replicate(source: ReplicateSource, dest: Path, limits: DownloadLimits) -> str:
+    """A Replicate model's `_weights` URL redirects to the trained weights (a tar)."""
+    base = replicate_base()
+    token = os.environ.get("REPLICATE_API_TOKEN")
+    auth = Auth(host_of(base), f"Bearer {token}" if token else None, "REPLICATE_API_TOKEN")
+    name = f"{source.owner}/{source.model}"
+    path = f"{name}/versions/{source.version}/_weights" if source.version else f"{name}/_weights"
+    try:
+        download_to_file(f"{base}/{path}", dest, auth=auth, limits=limits)
+    except DownloadError as err:
+        shown = f"{name}" + (f" version {source.version}" if source.version else "")
+        if err.kind == "not_found":
+            message = (
+                f"Replicate has no weights for {shown} ({_redact(err.url)}): check the name; only "
+                "trained models have downloadable weights; a private model needs REPLICATE_API_TOKEN"
+            )
+        elif err.kind == "auth":
+            message = f"Replicate refused access to {shown} (HTTP {err.status}): set REPLICATE_API_TOKEN"
+        else:
+            message = f"Replicate model {shown}: {err}"
+        raise DownloadError(err.kind, err.url, message, err.status) from None
+    return f"the weights of Replicate model {name}"
+
+
+# --- CivitAI ---
+
+
+def civitai_base() -> str:
+    return (os.environ.get("FLUX_CIVITAI_BASE_URL") or "https://civitai.com").rstrip("/")
+
+
+_LORA_TYPES = {"lora", "locon", "dora", "lycoris"}
+
+
+def download_civitai(source: CivitaiSource, dest: Path, limits: DownloadLimits) -> str:
+    base = civitai_base()
+    token = source.url_token or os.environ.get("CIVITAI_API_TOKEN")
+    auth = Auth(host_of(base), f"Bearer {token}" if token else None, "CIVITAI_API_TOKEN")
+    version = source.version_id
+    if version is None:
+        version = _latest_civitai_version(source.model_id or "", base, auth, limits)
+    query = source.query or "type=Model&format=SafeTensor"
+    url = f"{base}/api/download/models/{version}?{query}"
+    try:
+        download_to_file(url, dest, auth=auth, limits=limits)
+    except DownloadError as err:
+        if err.kind == "auth":
+            message = f"CivitAI requires a login for model version {version}: set CIVITAI_API_TOKEN"
+        elif err.kind == "not_found":
+            message = (
+                f"CivitAI has no model version {version} ({_redact(err.url)}); the number in a download "
+                "link is a version id, not the model id of the model page"
+            )
+        else:
+            message = f"CivitAI model version {version}: {err}"
+        raise DownloadError(err.kind, err.url, message, err.status) from None
+    return f"CivitAI model version {version}"
+
+
+def _latest_civitai_version(model_id: str, base: str, auth: Auth, limits: DownloadLimits) -> str:
+    try:
+        info = fetch_json(f"{base}/api/v1/models/{model_id}", auth=auth, limits=limits)
+    except DownloadError as err:
+        if err.kind == "not_found":
+            raise LoraReferenceError(f"CivitAI has no model {model_id}") from None
+        raise
+    if not isinstance(info, dict):
+        raise LoraReferenceError(f"CivitAI gave no information for model {model_id}")
+    kind = str(info.get("type") or "")
+    if kind and kind.lower() not in _LORA_TYPES:
+        raise LoraReferenceError(f"CivitAI model {model_id} is a {kind}, not a LoRA")
+    versions = info.get("modelVersions")
+    if not isinstance(versions, list) or not versions or not isinstance(versions[0], dict):
+        raise LoraReferenceError(f"CivitAI model {model_id} has no versions to download")
+    newest = versions[0]  # CivitAI lists the newest version first
+    if "id" not in newest:
+        raise LoraReferenceError(f"CivitAI model {model_id} has no versions to download")
+    base_model = str(newest.get("baseModel") or "")
+    if base_model and "flux" not in base_model.lower():
+        log.warning(
+            "CivitAI model %s version %s is made for %s, not FLUX", model_id, newest["id"], base_model
+        )
+    log.info("CivitAI model %s: using its newest version %s (%s)", model_id, newest["id"], newest.get("name"))
+    return str(newest["id"])
