@@ -274,3 +274,23 @@ def test_repeated_prompt_reuses_embeddings_and_gives_identical_bytes(tiny_models
             hook.remove()
     assert len(first.images) == 2 and image_bytes(first) == image_bytes(second)
     assert image_bytes(other)[0] != image_bytes(first)[0]
+
+
+def test_setup_skips_fp8_copies_that_would_not_leave_room_to_serve(monkeypatch, caplog):
+    """A full GPU is not filled at setup (an out-of-memory worker leaves the server unhealthy for good)."""
+    import flux.fast.path as fast_path
+    from flux.fast.capability import FastSupport
+
+    monkeypatch.setattr(fast_path, "detect_fast_support", lambda device: FastSupport(True, "test GPU"))
+    needed = fast_path.fp8_copy_bytes(tiny_transformer()) + fast_path.HEADROOM_BYTES
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (needed - 1, 80 * 2**30))
+    crowded = tiny_transformer()
+    with caplog.at_level(logging.WARNING, logger="flux.fast.path"):
+        path = setup_fast({"dev": crowded}, torch.device("cpu"), mode="nocompile")
+    assert path.transformers == {} and not any(isinstance(m, Fp8Linear) for m in crowded.modules())
+    assert any("not set up for dev" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (needed, 80 * 2**30))
+    roomy = tiny_transformer()
+    assert set(setup_fast({"dev": roomy}, torch.device("cpu"), mode="nocompile").transformers) == {"dev"}
+    assert any(isinstance(m, Fp8Linear) for m in roomy.modules())

@@ -27,6 +27,8 @@ FAST_MODES = ("auto", "nocompile", "off")
 # Warm-up shapes (height, width, batch): two differing ones, so the compiled blocks are re-traced once
 # with dynamic sizes at setup and later sizes, batches and prompt lengths reuse that graph.
 WARMUP_SHAPES = ((1024, 1024, 1), (768, 1344, 2))
+# Left free after the fp8 copies: activations of a 1024x1024 batch, the VAE decode, LoRA fusing.
+HEADROOM_BYTES = 10 * 2**30
 
 
 @dataclass
@@ -83,6 +85,8 @@ def setup_fast(
     started = time.perf_counter()
     path = FastPath(support)
     for name, transformer in transformers.items():
+        if not fits_in_memory(transformer, device, name):
+            continue  # go_fast requests on this variant run bf16; the fallback line says so
         fast = FastTransformer(transformer)
         if mode == "auto":
             fast.compile_blocks()
@@ -104,6 +108,30 @@ def setup_fast(
     path.setup_seconds = time.perf_counter() - started
     log.info("go_fast ready (%s, %s) in %.1f s", support.reason, mode, path.setup_seconds)
     return path
+
+
+def fp8_copy_bytes(transformer: torch.nn.Module) -> int:
+    """An upper bound of the fp8 copies' size: one byte per weight of every Linear (plus row scales)."""
+    return sum(
+        m.weight.numel() + 4 * m.out_features for m in transformer.modules() if type(m) is torch.nn.Linear
+    )
+
+
+def fits_in_memory(transformer: torch.nn.Module, device: torch.device, name: str) -> bool:
+    """Refuse to add fp8 copies that would leave the GPU without room to serve: a worker that runs out of
+    memory at setup leaves the server unhealthy for good. Both variants in bf16 plus fp8 copies need
+    ~82 GB, more than an 80 GB card has; then the second variant stays bf16-only."""
+    needed = fp8_copy_bytes(transformer) + HEADROOM_BYTES
+    free = torch.cuda.mem_get_info(device)[0]
+    if free >= needed:
+        return True
+    log.warning(
+        "go_fast: not set up for %s: its fp8 copies need %.1f GB with headroom, %.1f GB of GPU memory is free",
+        name,
+        needed / 2**30,
+        free / 2**30,
+    )
+    return False
 
 
 @torch.inference_mode()
