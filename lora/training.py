@@ -34,6 +34,8 @@ LOSS_SMOOTHING = 0.9  # exponential moving average of the logged loss
 # per megapixel-sample of the largest batch (a rough bound for FLUX.1 dev in bf16 with its activations
 # kept; bench/RESULTS.md has measurements).
 AUTO_CHECKPOINT_GIB_PER_MEGAPIXEL = 40.0
+# (batch, image tokens, scheduler config, generator) -> t in (0, 1) per sample, like sample_timesteps.
+TimestepSampler = Callable[[int, int, dict, torch.Generator], torch.Tensor]
 
 
 @dataclass
@@ -127,11 +129,14 @@ def train_parameters(
     *,
     log_every: int | None = None,
     lr_schedule: Callable[[int], float] | None = None,
+    timesteps: TimestepSampler = sample_timesteps,
     what: str = "transformer parameters",
 ) -> LoopResult:
     """The flow-matching loop itself, for whichever parameters are given: a LoRA's (train_lora) or
     every transformer weight (flux-mini's full-parameter training). lr_schedule(step) multiplies
-    config.learning_rate; None keeps it constant, as LoRA training does."""
+    config.learning_rate; None keeps it constant, as LoRA training does. timesteps draws each
+    batch's noise levels: the recipe's by default; a model trained from scratch needs more draws at
+    the highest noise, where only the text says what to draw (flux.mini.transformer_training)."""
     device = next(transformer.parameters()).device
     checkpointing = _use_checkpointing(config, device, samples)
     if checkpointing:
@@ -166,7 +171,7 @@ def train_parameters(
             )
             noise = torch.randn(latents.shape, generator=generator)
             seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
-            t = sample_timesteps(len(batch), seq_len, scheduler_config, generator)
+            t = timesteps(len(batch), seq_len, scheduler_config, generator)
             loss = flow_matching_loss(
                 transformer, latents.to(device), noise.to(device), t, prompts, pooled, guidance
             )

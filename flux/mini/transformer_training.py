@@ -19,9 +19,10 @@ import torch
 from flux.loading import FluxModels
 from flux.mini.spec import MiniSpec
 from lora.buckets import Sample
+from lora.recipe import sample_timesteps
 from lora.train_cache import TensorStore, TrainingCache, build_cache
 from lora.train_config import TrainingConfig
-from lora.training import LoopResult, train_parameters
+from lora.training import LoopResult, TimestepSampler, train_parameters
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,19 @@ def warmup_cosine(warmup: int, total: int, floor: float = 0.05):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return schedule
+
+
+def high_noise_timesteps(share: float, low: float) -> TimestepSampler:
+    """The recipe's noise levels, with `share` of each batch (on average) drawn uniformly in (low, 1)
+    instead: the noise levels at which the transformer can only learn the colours from the text."""
+
+    def draw(batch: int, image_seq_len: int, scheduler_config: dict, generator: torch.Generator):
+        recipe = sample_timesteps(batch, image_seq_len, scheduler_config, generator)
+        high = low + (1 - low) * torch.rand(batch, generator=generator)
+        chosen = torch.rand(batch, generator=generator) < share
+        return torch.where(chosen, high, recipe).clamp(1e-4, 1 - 1e-4)
+
+    return draw
 
 
 def train_transformer(
@@ -158,6 +172,7 @@ def _train_phase(
         models.scheduler_configs["dev"],
         log_every=25,
         lr_schedule=warmup_cosine(max(1, warmup), steps),
+        timesteps=high_noise_timesteps(spec.high_noise_share, spec.high_noise_from),
         what="every flux-mini transformer weight",
     )
 
