@@ -56,11 +56,12 @@ def _train_tokenizer(special: list[str], vocab_size: int):
     return tokenizer
 
 
-def build_tokenizers():
+def flux_tokenizers(clip_backend, t5_backend):
+    """Wrap two `tokenizers` objects as FLUX.1's CLIP and T5 tokenizers (their special tokens and lengths)."""
     from transformers import PreTrainedTokenizerFast
 
     clip = PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(["<|startoftext|>", "<|endoftext|>", "<unk>"], 400),
+        tokenizer_object=clip_backend,
         bos_token="<|startoftext|>",
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
@@ -68,13 +69,20 @@ def build_tokenizers():
         model_max_length=77,
     )
     t5 = PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(["<pad>", "</s>", "<unk>"], 400),
+        tokenizer_object=t5_backend,
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
         model_max_length=512,
     )
     return clip, t5
+
+
+def build_tokenizers():
+    return flux_tokenizers(
+        _train_tokenizer(["<|startoftext|>", "<|endoftext|>", "<unk>"], 400),
+        _train_tokenizer(["<pad>", "</s>", "<unk>"], 400),
+    )
 
 
 def build_shared_components(seed: int = 0):

@@ -43,24 +43,12 @@ def _word_tokenizer(special: list[str], template: str):
 
 
 def build_tokenizers():
-    from transformers import PreTrainedTokenizerFast
+    from flux.tiny import flux_tokenizers
 
-    clip = PreTrainedTokenizerFast(
-        tokenizer_object=_word_tokenizer(CLIP_SPECIAL, "<|startoftext|> $A <|endoftext|>"),
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        unk_token="<unk>",
-        model_max_length=77,
+    return flux_tokenizers(
+        _word_tokenizer(CLIP_SPECIAL, "<|startoftext|> $A <|endoftext|>"),
+        _word_tokenizer(T5_SPECIAL, "$A </s>"),
     )
-    t5 = PreTrainedTokenizerFast(
-        tokenizer_object=_word_tokenizer(T5_SPECIAL, "$A </s>"),
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        model_max_length=512,
-    )
-    return clip, t5
 
 
 def build_text_encoders(clip_tok, t5_tok, clip_dim: int, t5_dim: int, seed: int):
