@@ -23,17 +23,17 @@ install() {
 
 with_tiny_model() {
   # Without an explicit weights folder, run on a built-in small model and never download: flux-mini
-  # (trained on coloured shapes, committed under weights/flux-mini; rebuild: python -m flux.mini.build)
+  # (trained on coloured shapes, committed under weights/flux-mini; rebuild: python -m toys.mini.build)
   # when present, else the random tiny model. The helper models (safety checker, autocaption) come in
   # tiny versions from weights/tiny either way.
   if [ -z "${FLUX_WEIGHTS_DIR:-}" ]; then
     if [ -f weights/flux-mini/FLUX.1-dev/model_index.json ] && [ -f weights/flux-mini/FLUX.1-schnell/model_index.json ]; then
       export FLUX_WEIGHTS_DIR="$PWD/weights/flux-mini"
     else
-      .venv/bin/python -m flux.tiny weights/tiny --if-missing >/dev/null
+      .venv/bin/python -m toys.tiny weights/tiny --if-missing >/dev/null
       export FLUX_WEIGHTS_DIR="$PWD/weights/tiny"
     fi
-    .venv/bin/python -m flux.tiny_helpers weights/tiny --if-missing >/dev/null
+    .venv/bin/python -m toys.tiny_helpers weights/tiny --if-missing >/dev/null
     export FLUX_HELPER_WEIGHTS_DIR="$PWD/weights/tiny"
     export FLUX_ALLOW_DOWNLOAD="${FLUX_ALLOW_DOWNLOAD:-0}" FLUX_AUTOCAPTION_MAX_TOKENS="${FLUX_AUTOCAPTION_MAX_TOKENS:-16}"
   fi

@@ -1,7 +1,7 @@
 """Cog adapter for LoRA training on FLUX.1 dev: declare the inputs, call lora/, return the weights tar.
 
 Input names, defaults and ranges are those of the public FLUX.1 LoRA trainer, so existing users send
-the same requests. lora.train_config checks every rule (the Cog server does not without a built schema).
+the same requests. training.config checks every rule (the Cog server does not without a built schema).
 """
 
 import logging
@@ -12,8 +12,7 @@ from pathlib import Path as LocalPath
 
 from cog import BaseModel, Input, Path, Secret
 
-from lora.previews import preview_settings_from_env
-from lora.train_config import (
+from training.config import (
     DEFAULTS,
     MAX_BATCH,
     MAX_RANK,
@@ -24,7 +23,8 @@ from lora.train_config import (
     OPTIMIZERS,
     build_training_config,
 )
-from lora.train_job import run_training
+from training.job import run_training
+from training.previews import preview_settings_from_env
 
 
 class TrainingOutput(BaseModel):

@@ -5,7 +5,7 @@
 Prints: text-to-image colour/shape accuracy on held-out (unseen) colour/shape pairs and, for
 reference, on seen pairs; seed variety (spread of the scored shape centres); img2img at low and high
 prompt_strength; inpainting (change inside the mask, difference outside); and "training teaches":
-a LoRA trained on hearts captioned TOK through lora.train_job.run_training, then the share of
+a LoRA trained on hearts captioned TOK through training.job.run_training, then the share of
 "a TOK on a white background" images scored as hearts, and known-shape accuracy with the LoRA
 relative to without. All at 256x256, dev, its default 28 steps, seeds fixed; img2img and inpainting
 call the diffusers pipelines on the loaded components directly (quality.edit), because the request
@@ -28,10 +28,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flux.mini import quality  # noqa: E402
-from flux.mini.build import keep_freed_memory  # noqa: E402
-from flux.shape_scorer import score_image  # noqa: E402
-from flux.shapes import COLORS, held_out_pairs, held_out_prompts, sample_attributes  # noqa: E402
+from toys.mini import quality  # noqa: E402
+from toys.mini.build import keep_freed_memory  # noqa: E402
+from toys.shape_scorer import score_image  # noqa: E402
+from toys.shapes import COLORS, held_out_pairs, held_out_prompts, sample_attributes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

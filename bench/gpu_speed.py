@@ -167,7 +167,7 @@ def build_models(bench: Bench):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from flux.loading import FluxModels
-    from flux.tiny import SCHEDULERS, build_shared_components, build_tokenizers, build_transformer
+    from toys.tiny import SCHEDULERS, build_shared_components, build_tokenizers, build_transformer
 
     t = time.perf_counter()
     if bench.args.tiny:

@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flux.safety import SafetyChecker  # noqa: E402
-from flux.tiny_helpers import build_tiny_safety_checker  # noqa: E402
+from toys.tiny_helpers import build_tiny_safety_checker  # noqa: E402
 
 
 def full_size_checker(device: torch.device) -> SafetyChecker:

@@ -17,7 +17,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from cog_local import cog_server, run_job  # noqa: E402
 
-from flux.tiny import build_tiny_model  # noqa: E402
+from toys.tiny import build_tiny_model  # noqa: E402
 
 CASES = {
     "schnell 1024x1024, 4 steps": dict(model="schnell"),

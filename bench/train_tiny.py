@@ -23,12 +23,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flux.loading import load_flux  # noqa: E402
-from flux.tiny import ensure_tiny_model  # noqa: E402
-from lora.buckets import assign_buckets  # noqa: E402
-from lora.recipe import select_lora_targets  # noqa: E402
-from lora.train_cache import build_cache  # noqa: E402
-from lora.train_config import build_training_config  # noqa: E402
-from lora.training import lora_adapter, train_lora  # noqa: E402
+from toys.tiny import ensure_tiny_model  # noqa: E402
+from training.buckets import assign_buckets  # noqa: E402
+from training.cache import build_cache  # noqa: E402
+from training.config import build_training_config  # noqa: E402
+from training.loop import lora_adapter, train_lora  # noqa: E402
+from training.recipe import select_lora_targets  # noqa: E402
 
 
 def measure(models, size: int, threads: int, steps: int, warmup: int, rank: int) -> float:

@@ -1,0 +1,1 @@
+"""FLUX.1 itself: variants, sizes, request rules, loading, generation, images, output, safety, go_fast."""

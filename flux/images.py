@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from weights.errors import UserInputError
+from errors import UserInputError
 
 log = logging.getLogger(__name__)
 

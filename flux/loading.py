@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
+from errors import UserInputError
 from flux.embeddings import PromptEmbeddingCache
 from flux.fast.path import FastPath, setup_fast
 from flux.variants import VariantSpec, get_variant
 from weights.base_models import resolve_base_weights
-from weights.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

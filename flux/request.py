@@ -4,9 +4,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from errors import UserInputError
 from flux.sizes import normalize_megapixels, resolve_size
 from flux.variants import VariantSpec, get_variant
-from weights.errors import UserInputError
 
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 MAX_OUTPUTS = 4

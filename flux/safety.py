@@ -17,7 +17,7 @@ from typing import TypeVar
 import torch
 from PIL import Image
 
-from weights.errors import UserInputError
+from errors import UserInputError
 from weights.helper_models import SAFETY_CHECKER, resolve_helper_weights
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Output sizes: the fixed Replicate table, custom sizes, and sizes that follow an input image."""
 
-from weights.errors import UserInputError
+from errors import UserInputError
 
 # Sizes at megapixels "1": a fixed table (what users get on Replicate), not a formula.
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from weights.errors import UserInputError
+from errors import UserInputError
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from errors import UserInputError
 from lora.flux_names import Target, bfl_table, block_counts, underscored, xlabs_table
-from weights.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

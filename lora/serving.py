@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from errors import UserInputError
 from lora.apply import LoraFuser
 from lora.formats import CanonicalLora, read_lora_file
-from weights.errors import UserInputError
 from weights.lora_cache import LoraCache
 from weights.lora_reference import display_reference
 from weights.lora_source import fetch_lora

@@ -13,8 +13,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
     """Tiny FLUX.1-schnell/, FLUX.1-dev/ and helper models, built by the same commands users run."""
-    from flux.tiny import build_tiny_model
-    from flux.tiny_helpers import build_tiny_helpers
+    from toys.tiny import build_tiny_model
+    from toys.tiny_helpers import build_tiny_helpers
 
     folder = build_tiny_model(tmp_path_factory.mktemp("tiny-weights"))
     build_tiny_helpers(folder)

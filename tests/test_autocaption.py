@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from flux.tiny_helpers import build_tiny_captioner
-from lora.autocaption import Captioner, autocaption_dataset, autocaption_examples, compose_caption
-from lora.dataset import TrainingExample
+from toys.tiny_helpers import build_tiny_captioner
+from training.autocaption import Captioner, autocaption_dataset, autocaption_examples, compose_caption
+from training.dataset import TrainingExample
 from weights import base_models
 from weights.helper_models import HelperWeightsNotFoundError
 
@@ -83,7 +83,7 @@ def test_compose_caption(caption, trigger, prefix, suffix, expected):
 
 
 def test_only_images_without_a_txt_are_captioned(caplog):
-    caplog.set_level(logging.INFO, logger="lora.autocaption")
+    caplog.set_level(logging.INFO, logger="training.autocaption")
     examples = dataset()
     fake = FakeCaptioner()
     result = autocaption_examples(examples, fake, "TOK", "a photo of", "high detail")
@@ -101,7 +101,7 @@ def test_only_images_without_a_txt_are_captioned(caplog):
 
 
 def test_progress_is_logged_at_most_about_twenty_times(caplog):
-    caplog.set_level(logging.INFO, logger="lora.autocaption")
+    caplog.set_level(logging.INFO, logger="training.autocaption")
     autocaption_examples([example(f"{i}.png") for i in range(100)], FakeCaptioner(), "TOK")
     lines = [r.message for r in caplog.records if r.message.startswith("captioned ")]
     assert (
@@ -125,7 +125,7 @@ def test_tiny_florence_captions_through_the_real_path(env):
 
 
 def test_autocaption_dataset_captions_then_unloads(env, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="lora.autocaption")
+    caplog.set_level(logging.INFO, logger="training.autocaption")
     loaded = []
     real_load = Captioner.load.__func__
 

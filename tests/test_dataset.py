@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora.dataset import caption_with_trigger, decode_caption, load_training_zip
-from lora.zip_extract import ZipLimits
-from weights.errors import UserInputError
+from errors import UserInputError
+from training.dataset import caption_with_trigger, decode_caption, load_training_zip
+from training.zip_extract import ZipLimits
 
 
 def _image_bytes(colour: tuple[int, int, int], fmt: str = "PNG", size: tuple[int, int] = (16, 12)) -> bytes:

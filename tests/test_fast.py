@@ -6,6 +6,7 @@ import pytest
 import torch
 from lora_fixtures import fixed_inputs, run, tiny_transformer
 
+from errors import UserInputError
 from flux.fast.capability import detect_fast_support
 from flux.fast.fp8 import FP8, FP8_MAX, Fp8Linear, emulated_linear, fp8_linear, quantize_rowwise
 from flux.fast.path import FastPath, setup_fast
@@ -14,7 +15,6 @@ from flux.generate import generate
 from flux.request import build_request
 from lora.apply import LoraFuser
 from lora.formats import LoraUpdate
-from weights.errors import UserInputError
 
 QUALITY_BAR = 0.03  # relative error of the fast transformer output per step (the guard)
 

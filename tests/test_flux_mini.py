@@ -13,9 +13,9 @@ import torch
 
 @pytest.fixture(scope="module")
 def mini_weights(tmp_path_factory):
-    """The same command as `python -m flux.mini.build`, at a few steps so it runs in seconds."""
-    from flux.mini.build import build_flux_mini
-    from flux.mini.spec import MiniSpec
+    """The same command as `python -m toys.mini.build`, at a few steps so it runs in seconds."""
+    from toys.mini.build import build_flux_mini
+    from toys.mini.spec import MiniSpec
 
     quick = replace(
         MiniSpec(), images=16, vae_images=16, vae_steps=10, steps=3, adapt_steps=1, warmup_steps=1
@@ -47,8 +47,8 @@ def test_loads_with_the_real_classes_and_its_own_normalisation(models, mini_weig
 
 
 def test_normalised_latents_have_unit_spread(models):
-    from flux.shapes import generate_dataset
-    from lora.recipe import encode_latents, image_to_pixels
+    from toys.shapes import generate_dataset
+    from training.recipe import encode_latents, image_to_pixels
 
     pixels = torch.stack([image_to_pixels(e.image) for e in generate_dataset(8, seed=99, size=256)])
     latents = encode_latents(models.vae, pixels)

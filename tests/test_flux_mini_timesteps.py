@@ -13,16 +13,16 @@ import dataclasses
 import pytest
 import torch
 
-from flux.mini import transformer_training
-from flux.mini.spec import MiniSpec
-from flux.mini.transformer_training import build_transformer, high_noise_timesteps, trainable_parameters
-from lora.buckets import Sample
-from lora.recipe import sample_timesteps
-from lora.train_cache import TensorStore, TrainingCache
-from lora.train_config import TrainingConfig
-from lora.training import train_parameters
+from toys.mini import transformer_training
+from toys.mini.spec import MiniSpec
+from toys.mini.transformer_training import build_transformer, high_noise_timesteps, trainable_parameters
+from training.buckets import Sample
+from training.cache import TensorStore, TrainingCache
+from training.config import TrainingConfig
+from training.loop import train_parameters
+from training.recipe import sample_timesteps
 
-# FLUX.1-dev's dynamic shift, as flux.tiny writes its scheduler.
+# FLUX.1-dev's dynamic shift, as toys.tiny writes its scheduler.
 DEV_SCHEDULER = {
     "use_dynamic_shifting": True,
     "base_image_seq_len": 256,

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from errors import UserInputError
 from flux.generate import generate
 from flux.loading import load_flux
 from flux.output import save_images
 from flux.request import build_request
-from weights.errors import UserInputError
 
 
 def small(**inputs):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from errors import UserInputError
 from flux.images import NEUTRAL_GREY, open_user_image, open_user_mask
-from weights.errors import UserInputError
 
 
 def _gradient(width: int = 48, height: int = 32) -> Image.Image:

@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 
+from errors import UserInputError
 from lora.apply import LoraFuser
 from lora.formats import LoraUpdate, convert_state_dict, read_lora_file
 from tests import lora_fixtures as fx
-from weights.errors import UserInputError
 
 
 @pytest.fixture(scope="module")

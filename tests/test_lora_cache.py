@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from errors import UserInputError
 from tests.http_fixture import FixtureServer, fixture_server, safetensors_bytes
-from weights.errors import UserInputError
 from weights.lora_cache import GB, LoraCache, default_lora_cache
 from weights.lora_source import fetch_lora
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load, load_file
 
+from errors import UserInputError
 from tests.http_fixture import FixtureServer, fixture_server, safetensors_bytes, tar_bytes, zip_bytes
 from weights.download import Auth, DownloadError, DownloadLimits, download_to_file
-from weights.errors import UserInputError
 from weights.lora_cache import LoraCache
 from weights.lora_source import fetch_lora
 

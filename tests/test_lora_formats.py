@@ -13,9 +13,9 @@ from diffusers.loaders.lora_conversion_utils import (
     _convert_xlabs_flux_lora_to_diffusers,
 )
 
+from errors import UserInputError
 from lora.formats import convert_state_dict, linear_shapes, read_lora_file
 from tests import lora_fixtures as fx
-from weights.errors import UserInputError
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from lora_fixtures import known_update, save, to_peft
 
+from errors import UserInputError
 from lora.serving import LoraChoice, LoraManager, choose_loras
-from weights.errors import UserInputError
 from weights.lora_cache import LoraCache
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from errors import UserInputError
 from tests.http_fixture import FixtureServer, fixture_server, safetensors_bytes, tar_bytes, zip_bytes
-from weights.errors import UserInputError
 from weights.lora_cache import LoraCache
 from weights.lora_reference import (
     CivitaiSource,

@@ -1,8 +1,8 @@
 import pytest
 
+from errors import UserInputError
 from flux.request import build_request, denoising_steps
 from flux.variants import VARIANTS, get_variant, parse_variant_list
-from weights.errors import UserInputError
 
 
 def test_variant_rules():

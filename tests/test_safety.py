@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from flux.safety import AllImagesFlaggedError, SafetyChecker, filter_images, threshold_from_env
-from flux.tiny_helpers import build_tiny_safety_checker
+from toys.tiny_helpers import build_tiny_safety_checker
 from weights import base_models, helper_models
 from weights.helper_models import SAFETY_CHECKER, HelperWeightsNotFoundError, resolve_helper_weights
 

@@ -9,7 +9,7 @@ import torch
 from http_fixture import FixtureServer
 from lora_fixtures import known_update, save, to_kohya, to_peft
 
-from flux.tiny import build_transformer
+from toys.tiny import build_transformer
 
 pytestmark = pytest.mark.server
 BASE = {

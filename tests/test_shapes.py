@@ -1,4 +1,4 @@
-"""The synthetic shapes world (flux.shapes) and its scorer (flux.shape_scorer)."""
+"""The synthetic shapes world (toys.shapes) and its scorer (toys.shape_scorer)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from flux.shape_scorer import SHAPE_VOCABULARY, score_image
-from flux.shapes import (
+from errors import UserInputError
+from toys.shape_scorer import SHAPE_VOCABULARY, score_image
+from toys.shapes import (
     COLORS,
     CONCEPT_SHAPE,
     POSITIONS,
@@ -24,8 +25,7 @@ from flux.shapes import (
     held_out_prompts,
     write_dataset,
 )
-from lora.dataset import load_training_zip
-from weights.errors import UserInputError
+from training.dataset import load_training_zip
 
 CAPTION = re.compile(
     r"^an? (?:(?P<size>small|medium|large) )?(?P<color>\w+) (?P<shape>\w+) on an? "

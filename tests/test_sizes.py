@@ -1,7 +1,7 @@
 import pytest
 
+from errors import UserInputError
 from flux.sizes import ASPECT_RATIOS, resolve_size, size_for_image
-from weights.errors import UserInputError
 
 REPLICATE_TABLE = {
     "1:1": (1024, 1024),

@@ -12,17 +12,17 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from lora import buckets
-from lora.export import draw_loss_curve
-from lora.hub import model_card, push_to_hub
-from lora.optimizers import build_optimizer
-from lora.previews import PreviewSettings
-from lora.recipe import block_linear_names, sample_timesteps, select_lora_targets
-from lora.train_config import build_training_config, parse_resolutions
-from lora.train_job import run_training
-from lora.training import lora_adapter
+from errors import UserInputError
 from tests.training_helpers import make_zip
-from weights.errors import UserInputError
+from training import buckets
+from training.config import build_training_config, parse_resolutions
+from training.export import draw_loss_curve
+from training.hub import model_card, push_to_hub
+from training.job import run_training
+from training.loop import lora_adapter
+from training.optimizers import build_optimizer
+from training.previews import PreviewSettings
+from training.recipe import block_linear_names, sample_timesteps, select_lora_targets
 
 FAST_PREVIEWS = PreviewSettings(count=2, steps=1, width=256, height=256)
 NO_PREVIEWS = PreviewSettings(count=0)
@@ -392,7 +392,7 @@ def test_failed_push_is_logged_without_token(tmp_path, caplog):
 
 def test_training_with_push_returns_tar_even_when_push_fails(tiny, data_zip, tmp_path, monkeypatch, caplog):
     FakeHfApi.calls, FakeHfApi.fail = [], True
-    monkeypatch.setattr("lora.train_job.push_to_hub", lambda *a: push_to_hub(*a, api_factory=FakeHfApi))
+    monkeypatch.setattr("training.job.push_to_hub", lambda *a: push_to_hub(*a, api_factory=FakeHfApi))
     config = build_training_config(
         steps=3, lora_rank=2, resolution="256", seed=1, hf_repo_id="me/x", has_hf_token=True
     )

@@ -21,11 +21,11 @@ import pytest
 import torch
 from coglet import CancelationException
 
-import lora.training
-from lora.previews import PreviewSettings
-from lora.train_config import build_training_config
-from lora.train_job import run_training
+import training.loop
 from tests.training_helpers import make_zip
+from training.config import build_training_config
+from training.job import run_training
+from training.previews import PreviewSettings
 
 NO_PREVIEWS = PreviewSettings(count=0)
 # Every image captioned, so no captioner is involved whatever the autocaption default is.
@@ -44,8 +44,8 @@ def test_cancel_in_the_loop_cleans_up_and_releases_memory(tiny_models, tmp_path,
     data = make_zip(tmp_path / "photos.zip", CAPTIONED)
 
     seen: dict = {}
-    real_build_optimizer = lora.training.build_optimizer
-    real_loss = lora.training.flow_matching_loss
+    real_build_optimizer = training.loop.build_optimizer
+    real_loss = training.loop.flow_matching_loss
 
     def recording_optimizer(name, params, lr, device):
         optimizer, used = real_build_optimizer(name, params, lr, device)
@@ -60,8 +60,8 @@ def test_cancel_in_the_loop_cleans_up_and_releases_memory(tiny_models, tmp_path,
             raise CancelationException()
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(lora.training, "build_optimizer", recording_optimizer)
-    monkeypatch.setattr(lora.training, "flow_matching_loss", cancelling_loss)
+    monkeypatch.setattr(training.loop, "build_optimizer", recording_optimizer)
+    monkeypatch.setattr(training.loop, "flow_matching_loss", cancelling_loss)
     config = build_training_config(steps=50, lora_rank=4, resolution="256", seed=2, optimizer="adamw")
     with pytest.raises(CancelationException) as info:
         run_training(config, data, tmp_path / "out", models=tiny_models, previews=NO_PREVIEWS)
@@ -86,7 +86,7 @@ def test_cancel_in_the_loop_cleans_up_and_releases_memory(tiny_models, tmp_path,
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
     # The next training in the same process runs to the end.
-    monkeypatch.setattr(lora.training, "flow_matching_loss", real_loss)
+    monkeypatch.setattr(training.loop, "flow_matching_loss", real_loss)
     config = build_training_config(steps=3, lora_rank=2, resolution="256", seed=2, optimizer="adamw")
     tar = run_training(config, data, tmp_path / "out2", models=tiny_models, previews=NO_PREVIEWS)
     assert tar.is_file() and tar.stat().st_size > 0

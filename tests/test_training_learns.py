@@ -19,13 +19,13 @@ from PIL import Image
 from flux.generate import generate
 from flux.request import build_request
 from lora.apply import LoraFuser
-from lora.buckets import assign_buckets
-from lora.export import lora_metadata, save_lora_file
 from lora.formats import read_lora_file
-from lora.recipe import flow_matching_loss, select_lora_targets
-from lora.train_cache import build_cache
-from lora.train_config import build_training_config
-from lora.training import lora_adapter, train_lora
+from training.buckets import assign_buckets
+from training.cache import build_cache
+from training.config import build_training_config
+from training.export import lora_metadata, save_lora_file
+from training.loop import lora_adapter, train_lora
+from training.recipe import flow_matching_loss, select_lora_targets
 
 
 @pytest.fixture(autouse=True)

@@ -28,6 +28,7 @@ import re
 import urllib.parse
 from pathlib import Path
 
+from errors import UserInputError
 from weights.archive import (
     ArchiveError,
     NotSafetensorsError,
@@ -38,7 +39,6 @@ from weights.archive import (
 )
 from weights.download import GIB, Auth, DownloadError, DownloadLimits, download_to_file
 from weights.download import redact as _redact
-from weights.errors import UserInputError
 from weights.lora_cache import LoraCache
 from weights.lora_hosts import (
     civitai_base,

@@ -3,7 +3,7 @@
 Used to measure flux-mini: does an image show the prompted colour and shape? The steps:
 1. background: the one or two dominant colours of the border pixels (two-tone backgrounds);
 2. foreground: pixels far from every background colour; the largest connected blob is the subject;
-3. colour: the named colour (flux.shapes.COLORS) nearest to the blob's median colour;
+3. colour: the named colour (toys.shapes.COLORS) nearest to the blob's median colour;
 4. shape: each pixel near the blob gets a coverage (where it lies between the background and the
    subject's colour); every outline of the vocabulary is placed and scaled to match the centroid
    and spread of that coverage, optionally blurred (a Gaussian blur keeps the centroid and adds its
@@ -22,7 +22,7 @@ from functools import cache
 import numpy as np
 from PIL import Image, ImageFilter
 
-from flux.shapes import COLORS, CONCEPT_SHAPE, SHAPES, hard_mask, outline, place, segment_distance
+from toys.shapes import COLORS, CONCEPT_SHAPE, SHAPES, hard_mask, outline, place, segment_distance
 
 SHAPE_VOCABULARY: tuple[str, ...] = SHAPES + (CONCEPT_SHAPE,)
 NONE = "none"
@@ -41,7 +41,7 @@ _PALETTE = np.array([COLORS[n] for n in _PALETTE_NAMES], dtype=np.float32)
 
 @dataclass(frozen=True)
 class Score:
-    color: str  # a name of flux.shapes.COLORS, or "none" when nothing stands out
+    color: str  # a name of toys.shapes.COLORS, or "none" when nothing stands out
     shape: str  # a name of SHAPE_VOCABULARY, or "none"
     confidence: float  # 0..1: the smaller of the colour and the shape confidences
     color_confidence: float  # 1 - distance to the nearest named colour / distance to the second

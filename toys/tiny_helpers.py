@@ -1,10 +1,10 @@
 """Tiny helper models for local runs and tests: the real classes at toy size, saved as the real repos are.
 
-    python -m flux.tiny_helpers [OUTPUT_DIR] [--if-missing]   # default weights/tiny; writes one folder per helper
+    python -m toys.tiny_helpers [OUTPUT_DIR] [--if-missing]   # default weights/tiny; writes one folder per helper
 
 Writes OUTPUT_DIR/nsfw_image_detection/ (ViT image classifier, labels normal/nsfw) and
 OUTPUT_DIR/Florence-2-large/ (Florence-2 with its processor and a locally trained byte-level BPE tokenizer).
-Point FLUX_HELPER_WEIGHTS_DIR at OUTPUT_DIR and flux.safety / lora.autocaption load them through the same
+Point FLUX_HELPER_WEIGHTS_DIR at OUTPUT_DIR and flux.safety / training.autocaption load them through the same
 path as the real weights. Random weights: the classifier's scores and the captions are meaningless.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from flux.tiny import DEFAULT_DIR
+from toys.tiny import DEFAULT_DIR
 from weights.helper_models import CAPTIONER, SAFETY_CHECKER, is_complete
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flux.loading import FluxModels
-from lora.buckets import Sample, fit_to_bucket
-from lora.recipe import encode_latents, image_to_pixels
+from training.buckets import Sample, fit_to_bucket
+from training.recipe import encode_latents, image_to_pixels
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Train flux-mini from scratch and write it in diffusers layout:
 
-    python -m flux.mini.build [OUTPUT_DIR] [--seed 0] [--steps N]   # default weights/flux-mini
+    python -m toys.mini.build [OUTPUT_DIR] [--seed 0] [--steps N]   # default weights/flux-mini
 
 Stages: the shapes dataset (256 px, held-out colour/shape pairs left out), the VAE, its latent
 normalisation, the frozen text encoders, the transformer (full-parameter, the LoRA loop), then
@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from flux.loading import FluxModels, default_device
-from flux.mini.spec import DEFAULT_DIR, MiniSpec
-from flux.mini.text import build_text_encoders, build_tokenizers
-from flux.mini.transformer_training import build_transformer, schnell_from_dev, train_transformer
-from flux.mini.vae_training import build_vae, set_latent_normalisation, train_vae
-from flux.shapes import generate_dataset, held_out_pairs
-from flux.tiny import SCHEDULERS
 from flux.variants import VARIANTS
+from toys.mini.spec import DEFAULT_DIR, MiniSpec
+from toys.mini.text import build_text_encoders, build_tokenizers
+from toys.mini.transformer_training import build_transformer, schnell_from_dev, train_transformer
+from toys.mini.vae_training import build_vae, set_latent_normalisation, train_vae
+from toys.shapes import generate_dataset, held_out_pairs
+from toys.tiny import SCHEDULERS
 
 log = logging.getLogger(__name__)
 

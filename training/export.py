@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save
 
-from lora.train_config import TrainingConfig
+from training.config import TrainingConfig
 
 log = logging.getLogger(__name__)
 

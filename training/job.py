@@ -17,19 +17,19 @@ from pathlib import Path
 
 import torch
 
+from errors import UserInputError
 from flux.loading import FluxModels, load_flux
 from flux.variants import get_variant
-from lora.autocaption import autocaption_dataset
-from lora.buckets import assign_buckets
-from lora.dataset import load_training_zip
-from lora.export import TAR_NAME, lora_metadata, write_tar, write_training_folder
-from lora.hub import model_card, push_to_hub
-from lora.previews import PreviewSettings, render_previews
-from lora.recipe import select_lora_targets
-from lora.train_cache import build_cache, move_encoders
-from lora.train_config import TrainingConfig
-from lora.training import lora_adapter, train_lora
-from weights.errors import UserInputError
+from training.autocaption import autocaption_dataset
+from training.buckets import assign_buckets
+from training.cache import build_cache, move_encoders
+from training.config import TrainingConfig
+from training.dataset import load_training_zip
+from training.export import TAR_NAME, lora_metadata, write_tar, write_training_folder
+from training.hub import model_card, push_to_hub
+from training.loop import lora_adapter, train_lora
+from training.previews import PreviewSettings, render_previews
+from training.recipe import select_lora_targets
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Florence-2's <MORE_DETAILED_CAPTION> task describes an image in a paragraph of plain sentences, the prompt
 style FLUX.1 was trained on. The user's prefix and suffix are added here in code, not asked of the model (users
 of the public trainer report that a captioner told to include them drops them); the trigger-word rule of
-lora/dataset.py then applies as for any caption. Images with a .txt keep it.
+training/dataset.py then applies as for any caption. Images with a .txt keep it.
 
 The captioner is loaded for the captioning only: autocaption_dataset unloads it (off the accelerator, memory
 returned) before training starts.
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lora.dataset import TrainingExample, caption_with_trigger
+from training.dataset import TrainingExample, caption_with_trigger
 from weights.helper_models import CAPTIONER, resolve_helper_weights
 
 log = logging.getLogger(__name__)

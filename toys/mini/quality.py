@@ -1,7 +1,7 @@
 """The checks of flux-mini's quality bars, as functions the benchmark and the tests share.
 
 Every image goes through the container's own path (build_request -> generate) at the smallest size a
-request accepts (256x256), and is judged by the deterministic scorer (flux.shape_scorer).
+request accepts (256x256), and is judged by the deterministic scorer (toys.shape_scorer).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from PIL import Image
 from flux.generate import generate
 from flux.loading import FluxModels
 from flux.request import build_request
-from flux.shape_scorer import Score, score_image
-from flux.shapes import Attributes, generate_concept_dataset, render, write_dataset
+from toys.shape_scorer import Score, score_image
+from toys.shapes import Attributes, generate_concept_dataset, render, write_dataset
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,12 @@ def centre_distance(a: tuple[float, float], b: tuple[float, float]) -> float:
 def teach_concept(
     models: FluxModels, work: Path, images: int = 16, steps: int = 150, seed: int = 0, rank: int = 16
 ) -> Path:
-    """Train a LoRA on `images` hearts captioned with TOK through lora.train_job.run_training (the
+    """Train a LoRA on `images` hearts captioned with TOK through training.job.run_training (the
     default recipe otherwise: learning rate 4e-4, AdamW, caption dropout 0.05); return its
     lora.safetensors."""
-    from lora.previews import PreviewSettings
-    from lora.train_config import build_training_config
-    from lora.train_job import run_training
+    from training.config import build_training_config
+    from training.job import run_training
+    from training.previews import PreviewSettings
 
     zip_path = write_dataset(generate_concept_dataset(images, seed=seed, size=SIDE), work / "hearts.zip")
     config = build_training_config(

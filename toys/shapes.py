@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from weights.errors import UserInputError
+from errors import UserInputError
 
 # Named colours, chosen far apart in RGB (closest pair: orange/yellow, about 90 apart) so that the
 # scorer can name a colour robustly even from a blurry model output.

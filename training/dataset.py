@@ -28,8 +28,9 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
+from errors import UserInputError
 from flux.images import DEFAULT_MAX_PIXELS, open_user_image
-from lora.zip_extract import (
+from training.zip_extract import (
     DEFAULT_LIMITS,
     ZipLimits,
     ZipMember,
@@ -37,7 +38,6 @@ from lora.zip_extract import (
     list_members,
     open_user_zip,
 )
-from weights.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
-from weights.errors import UserInputError
+from errors import UserInputError
 
 log = logging.getLogger(__name__)
 

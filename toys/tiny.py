@@ -1,6 +1,6 @@
 """A tiny FLUX.1 for local runs and tests: the real classes at toy size, saved in diffusers layout.
 
-    python -m flux.tiny [OUTPUT_DIR] [--if-missing]   # default weights/tiny; writes FLUX.1-schnell/ and FLUX.1-dev/
+    python -m toys.tiny [OUTPUT_DIR] [--if-missing]   # default weights/tiny; writes FLUX.1-schnell/ and FLUX.1-dev/
 
 Random weights: images are noise-like, but every code path (tokenizers, both text encoders, the
 transformer with or without the guidance embedding, the 16-channel 8x VAE, both schedulers) is the

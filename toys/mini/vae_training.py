@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flux.mini.spec import MiniSpec
-from lora.recipe import image_to_pixels
+from toys.mini.spec import MiniSpec
+from training.recipe import image_to_pixels
 
 log = logging.getLogger(__name__)
 

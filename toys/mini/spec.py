@@ -30,7 +30,7 @@ class MiniSpec:
     heads: int = 4
     head_dim: int = 32
     rope_axes: tuple[int, int, int] = (8, 12, 12)  # sums to head_dim
-    # Transformer training (full-parameter, through lora.training.train_parameters).
+    # Transformer training (full-parameter, through training.loop.train_parameters).
     images: int = 2400
     steps: int = 1000  # phase 1: T5 sequences cut to short_text_tokens
     batch: int = 8

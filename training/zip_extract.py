@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from weights.errors import UserInputError
+from errors import UserInputError
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lora.buckets import Sample, epoch_batches
-from lora.optimizers import build_optimizer
-from lora.recipe import TRAINING_GUIDANCE, flow_matching_loss, lora_config, sample_timesteps
-from lora.train_cache import TrainingCache
-from lora.train_config import TrainingConfig
+from training.buckets import Sample, epoch_batches
+from training.cache import TrainingCache
+from training.config import TrainingConfig
+from training.optimizers import build_optimizer
+from training.recipe import TRAINING_GUIDANCE, flow_matching_loss, lora_config, sample_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def train_parameters(
     every transformer weight (flux-mini's full-parameter training). lr_schedule(step) multiplies
     config.learning_rate; None keeps it constant, as LoRA training does. timesteps draws each
     batch's noise levels: the recipe's by default; a model trained from scratch needs more draws at
-    the highest noise, where only the text says what to draw (flux.mini.transformer_training)."""
+    the highest noise, where only the text says what to draw (toys.mini.transformer_training)."""
     device = next(transformer.parameters()).device
     checkpointing = _use_checkpointing(config, device, samples)
     if checkpointing:

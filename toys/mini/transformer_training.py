@@ -1,5 +1,5 @@
 """Stage 2 of flux-mini: the FluxTransformer2DModel, every weight trained, through the project's own
-LoRA training loop (lora.training.train_parameters): the same cache, packing, sigmoid-normal timesteps
+LoRA training loop (training.loop.train_parameters): the same cache, packing, sigmoid-normal timesteps
 with the dev scheduler's shift, flow-matching loss and guidance input (1.0) as a LoRA training.
 
 Guidance: flux-mini dev is not guidance-distilled (that needs a teacher). Its guidance embedder is
@@ -17,12 +17,12 @@ import math
 import torch
 
 from flux.loading import FluxModels
-from flux.mini.spec import MiniSpec
-from lora.buckets import Sample
-from lora.recipe import sample_timesteps
-from lora.train_cache import TensorStore, TrainingCache, build_cache
-from lora.train_config import TrainingConfig
-from lora.training import LoopResult, TimestepSampler, train_parameters
+from toys.mini.spec import MiniSpec
+from training.buckets import Sample
+from training.cache import TensorStore, TrainingCache, build_cache
+from training.config import TrainingConfig
+from training.loop import LoopResult, TimestepSampler, train_parameters
+from training.recipe import sample_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def train_transformer(
     transformer = models.transformers["dev"]
     side = spec.image_size
     samples = [Sample(index=i, width=side, height=side, resolution=side) for i in range(len(images))]
-    # T5 at the length dev reads at inference (512). Its pads embed to exact zeros (flux.mini.text),
+    # T5 at the length dev reads at inference (512). Its pads embed to exact zeros (toys.mini.text),
     # so the first 32 positions of these embeddings are exactly what a 32-token prompt gives.
     cache = build_cache(models, images, captions, samples, max_sequence_length, folder=None)
     # Phase 1, short text: the ~500 identical pad tokens of a 512-token prompt take most of the

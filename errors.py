@@ -1,6 +1,6 @@
 """The project's one error type for bad user input.
 
-It lives in the lowest layer (weights <- flux <- lora <- adapters) so every layer can raise it.
+It sits below every folder (errors <- weights <- flux <- lora <- training <- toys), so each can raise it.
 The Cog server turns it into a failed prediction with this message; the server keeps serving.
 """
 

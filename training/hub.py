@@ -11,8 +11,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from lora.export import BASE_MODEL_REPO, LORA_FILE, SOFTWARE_NAME
-from lora.train_config import TrainingConfig
+from training.config import TrainingConfig
+from training.export import BASE_MODEL_REPO, LORA_FILE, SOFTWARE_NAME
 
 log = logging.getLogger(__name__)
 

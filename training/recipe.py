@@ -24,7 +24,7 @@ import re
 import torch
 from PIL import Image
 
-from weights.errors import UserInputError
+from errors import UserInputError
 
 BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 TRAINING_GUIDANCE = 1.0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from flux.shapes import COLORS, CONCEPT_SHAPE, POSITIONS, SHAPES, SIZES
+from toys.shapes import COLORS, CONCEPT_SHAPE, POSITIONS, SHAPES, SIZES
 
 EXTRA_WORDS = ("a", "an", "on", "and", "background", "TOK", "of", "the", "with", "in", "image", "photo")
 CLIP_SPECIAL = ["<|startoftext|>", "<|endoftext|>", "<unk>"]
@@ -43,7 +43,7 @@ def _word_tokenizer(special: list[str], template: str):
 
 
 def build_tokenizers():
-    from flux.tiny import flux_tokenizers
+    from toys.tiny import flux_tokenizers
 
     return flux_tokenizers(
         _word_tokenizer(CLIP_SPECIAL, "<|startoftext|> $A <|endoftext|>"),
