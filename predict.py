@@ -1,4 +1,8 @@
-"""Cog adapter for FLUX.1 inference: declare the inputs, call flux/, return the image files."""
+"""Cog adapter for FLUX.1 inference: declare the inputs, call flux/ and lora/, return the image files.
+
+`cog build` reads the Input(...) declarations below as text (no import), so they hold only literals;
+tests/test_cog_schema.py checks them against the library's constants and against cog's reading.
+"""
 
 import logging
 import os
@@ -6,16 +10,15 @@ import sys
 import tempfile
 from pathlib import Path as LocalPath
 
-from cog import BaseRunner, Input, Path
+from cog import BaseRunner, Input, Path, Secret
 
 from flux.generate import generate
 from flux.loading import load_flux
 from flux.output import save_images
-from flux.request import MAX_OUTPUTS, OUTPUT_FORMATS, build_request
+from flux.request import build_request
 from flux.safety import SafetyChecker, screen_images
-from flux.sizes import ASPECT_RATIOS, CUSTOM, MAX_SIDE, MEGAPIXELS, MIN_SIDE
-from flux.variants import VARIANTS, parse_variant_list
-from lora.serving import SCALE_RANGE, LoraManager, choose_loras
+from flux.variants import parse_variant_list
+from lora.serving import LoraManager, choose_loras
 from weights.lora_cache import default_lora_cache
 
 # Which variants setup() loads; each one more costs a transformer's memory (24 GB in bf16).
@@ -35,77 +38,105 @@ class Runner(BaseRunner):
 
     def run(
         self,
-        prompt: str = Input(description="What the image shows."),
+        prompt: str = Input(description="What the image shows. Empty: an image without a prompt."),
         model: str = Input(
-            description="schnell: 1-4 steps, fast. dev: up to 50 steps, guidance, higher quality.",
+            description="dev: up to 50 steps with guidance, higher quality. schnell: 4 steps, fast.",
             default="dev",
-            choices=list(VARIANTS),
+            choices=["dev", "schnell"],
         ),
         aspect_ratio: str = Input(
-            description="Aspect ratio of the output; 'custom' uses width and height.",
+            description="Aspect ratio of the output; custom uses width and height. Ignored with image.",
             default="1:1",
-            choices=[*ASPECT_RATIOS, CUSTOM],
+            choices=[
+                "1:1",
+                "16:9",
+                "21:9",
+                "3:2",
+                "2:3",
+                "4:5",
+                "5:4",
+                "3:4",
+                "4:3",
+                "9:16",
+                "9:21",
+                "custom",
+            ],
         ),
         megapixels: str = Input(
-            description="Approximate megapixels; '0.25' halves both sides.",
+            description="Approximate megapixels; 0.25 halves both sides. Ignored with image.",
             default="1",
-            choices=list(MEGAPIXELS),
+            choices=["1", "0.25"],
         ),
-        width: int = Input(
-            description=f"Width with aspect_ratio=custom ({MIN_SIDE}-{MAX_SIDE}, rounded to a multiple of 16).",
+        width: int | None = Input(
+            description="Width with aspect_ratio=custom (256-1440, rounded up to a multiple of 16); ignored otherwise.",
             default=None,
-            ge=MIN_SIDE,
-            le=MAX_SIDE,
+            ge=256,
+            le=1440,
         ),
-        height: int = Input(
-            description=f"Height with aspect_ratio=custom ({MIN_SIDE}-{MAX_SIDE}, rounded to a multiple of 16).",
+        height: int | None = Input(
+            description="Height with aspect_ratio=custom (256-1440, rounded up to a multiple of 16); ignored otherwise.",
             default=None,
-            ge=MIN_SIDE,
-            le=MAX_SIDE,
+            ge=256,
+            le=1440,
         ),
-        num_outputs: int = Input(description="Number of images.", default=1, ge=1, le=MAX_OUTPUTS),
-        num_inference_steps: int = Input(
-            description="Denoising steps. Default: schnell 4 (at most 4), dev 28 (at most 50).",
+        num_outputs: int = Input(description="Number of images.", default=1, ge=1, le=4),
+        num_inference_steps: int | None = Input(
+            description="Denoising steps (1-50). Empty: 4 for schnell (distilled for 4), 28 for dev.",
             default=None,
             ge=1,
             le=50,
         ),
-        guidance: float = Input(
-            description="Guidance for dev (schnell ignores it).", default=3.0, ge=0, le=10
+        guidance: float | None = Input(
+            description="Guidance for dev (schnell ignores it); empty: 3. Same as guidance_scale.",
+            default=None,
+            ge=0,
+            le=10,
         ),
-        seed: int = Input(description="Random seed; empty draws one (printed in the logs).", default=None),
+        guidance_scale: float | None = Input(
+            description="Same as guidance (the name trained versions use); empty: 3. Send one of the two.",
+            default=None,
+            ge=0,
+            le=10,
+        ),
+        seed: int | None = Input(
+            description="Random seed for reproducible images; empty or negative draws one (printed in the logs).",
+            default=None,
+        ),
         output_format: str = Input(
-            description="Image file format.", default="webp", choices=list(OUTPUT_FORMATS)
+            description="Image file format.", default="webp", choices=["webp", "jpg", "png"]
         ),
         output_quality: int = Input(
             description="Quality for webp and jpg (png ignores it).", default=80, ge=0, le=100
         ),
-        image: Path = Input(
-            description="Source image for img2img; the output takes its aspect ratio.", default=None
+        image: Path | None = Input(
+            description="Source image for img2img or inpainting; the output keeps its size (at most 1440x1440).",
+            default=None,
         ),
         prompt_strength: float = Input(
             description="With image: 0 keeps the image, 1 replaces it.", default=0.8, ge=0, le=1
         ),
-        mask: Path = Input(
+        mask: Path | None = Input(
             description="Inpainting mask for image: white is repainted, black kept.", default=None
         ),
-        lora_weights: str = Input(
-            description="A LoRA: Hugging Face repo or file, Replicate model, CivitAI URL, https URL to a"
-            " .safetensors or a trained .tar/.zip, or a data: URL.",
+        lora_weights: str | None = Input(
+            description="A LoRA: Replicate model (owner/model), Hugging Face repo or file, CivitAI URL, https URL to a .safetensors or a trained .tar/.zip, or a data: URL.",
             default=None,
         ),
-        replicate_weights: str = Input(
+        replicate_weights: str | None = Input(
             description="Same as lora_weights (the name trained versions on Replicate use).", default=None
         ),
         lora_scale: float = Input(
-            description="Strength of the LoRA; 0 gives the base model.",
-            default=1.0,
-            ge=SCALE_RANGE[0],
-            le=SCALE_RANGE[1],
+            description="Strength of the LoRA; 0 gives the base model.", default=1.0, ge=-1, le=3
         ),
-        extra_lora: str = Input(description="A second LoRA applied together with the first.", default=None),
-        extra_lora_scale: float = Input(
-            description="Strength of extra_lora.", default=1.0, ge=SCALE_RANGE[0], le=SCALE_RANGE[1]
+        extra_lora: str | None = Input(
+            description="A second LoRA applied together with the first.", default=None
+        ),
+        extra_lora_scale: float = Input(description="Strength of extra_lora.", default=1.0, ge=-1, le=3),
+        hf_api_token: Secret | None = Input(
+            description="Hugging Face token for private or gated LoRAs (else HF_TOKEN).", default=None
+        ),
+        civitai_api_token: Secret | None = Input(
+            description="CivitAI token for LoRAs that need one (else CIVITAI_API_TOKEN).", default=None
         ),
         disable_safety_checker: bool = Input(
             description="Skip the NSFW check of generated images (it drops flagged images).", default=False
@@ -125,6 +156,7 @@ class Runner(BaseRunner):
             num_outputs=num_outputs,
             num_inference_steps=num_inference_steps,
             guidance=guidance,
+            guidance_scale=guidance_scale,
             seed=seed,
             output_format=output_format,
             output_quality=output_quality,

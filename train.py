@@ -79,7 +79,7 @@ def train(
         description="adamw8bit (8-bit states; falls back to adamw, logged, where bitsandbytes is missing), "
         "adamw, or prodigy (sets its own step size).",
         default=DEFAULTS["optimizer"],
-        choices=list(OPTIMIZERS),
+        choices=["adamw8bit", "adamw", "prodigy"],
     ),
     cache_latents_to_disk: bool = Input(
         description="Keep the pre-computed latents and text embeddings on disk instead of in memory "

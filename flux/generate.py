@@ -11,7 +11,7 @@ from PIL import Image
 from flux.fast.path import setup_fast
 from flux.images import open_user_image, open_user_mask
 from flux.loading import FluxModels
-from flux.request import GenerationRequest
+from flux.request import GenerationRequest, denoising_steps
 from flux.sizes import size_for_image
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,9 @@ def generate(models: FluxModels, request: GenerationRequest) -> GenerationResult
     extra: dict = {}
     if request.image is not None:
         image = open_user_image(request.image, "image")
-        width, height = size_for_image(image.size, request.megapixels)
+        width, height = size_for_image(image.size)
+        if denoising_steps(request.num_inference_steps, request.prompt_strength) < 1:
+            return _source_back(image, request, seed, width, height)
         extra = dict(image=image, strength=request.prompt_strength)
         pipeline_class = FluxImg2ImgPipeline
         if request.mask is not None:
@@ -83,6 +85,20 @@ def generate(models: FluxModels, request: GenerationRequest) -> GenerationResult
     if "mask_image" in extra:
         images = [keep_unmasked(extra["image"], extra["mask_image"], generated) for generated in images]
     return GenerationResult(images=images, seed=seed, width=width, height=height)
+
+
+def _source_back(image: Image.Image, request: GenerationRequest, seed: int, width: int, height: int):
+    """A prompt_strength that leaves no denoising step changes nothing: the source comes back, as on
+    the public models (where the pipeline runs zero steps), instead of failing the request."""
+    log.warning(
+        "prompt_strength=%g with %d steps leaves no denoising step: returning the input image",
+        request.prompt_strength,
+        request.num_inference_steps,
+    )
+    resized = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    return GenerationResult(
+        images=[resized.copy() for _ in range(request.num_outputs)], seed=seed, width=width, height=height
+    )
 
 
 def prompt_embeddings(

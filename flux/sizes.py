@@ -1,6 +1,10 @@
 """Output sizes: the fixed Replicate table, custom sizes, and sizes that follow an input image."""
 
+import logging
+
 from errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 # Sizes at megapixels "1": a fixed table (what users get on Replicate), not a formula.
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
@@ -21,8 +25,9 @@ MEGAPIXELS = ("1", "0.25")
 MIN_SIDE, MAX_SIDE, MULTIPLE = 256, 1440, 16
 
 
-def round_to_multiple(value: float, multiple: int = MULTIPLE) -> int:
-    return max(multiple, int(round(value / multiple)) * multiple)
+def round_up_to_multiple(value: float, multiple: int = MULTIPLE) -> int:
+    """The public predictors round custom and img2img sides up (1000 -> 1008)."""
+    return max(multiple, -(-int(value) // multiple) * multiple)
 
 
 def normalize_megapixels(megapixels: object) -> str:
@@ -44,11 +49,9 @@ def resolve_size(
     if aspect_ratio not in ASPECT_RATIOS:
         allowed = ", ".join([*ASPECT_RATIOS, CUSTOM])
         raise UserInputError("aspect_ratio", aspect_ratio, f"allowed: {allowed}")
-    for name, value in (("width", width), ("height", height)):
-        if value is not None:
-            raise UserInputError(
-                name, value, f"only used with aspect_ratio=custom (got aspect_ratio={aspect_ratio})"
-            )
+    ignored = [f"{name}={value}" for name, value in (("width", width), ("height", height)) if value is not None]
+    if ignored:
+        log.warning("%s ignored: used only with aspect_ratio=custom (got %s)", ", ".join(ignored), aspect_ratio)
     w, h = ASPECT_RATIOS[aspect_ratio]
     if megapixels == "0.25":  # a quarter of the pixels: both sides halved
         w, h = w // 2, h // 2
@@ -64,16 +67,13 @@ def _custom_side(name: str, value: int | None) -> int:
         raise UserInputError(
             name, value, f"allowed: {MIN_SIDE}-{MAX_SIDE} (rounded to a multiple of {MULTIPLE})"
         )
-    return round_to_multiple(value)
+    return round_up_to_multiple(value)
 
 
-def size_for_image(image_size: tuple[int, int], megapixels: str) -> tuple[int, int]:
-    """Output size for img2img/inpainting: the input's aspect ratio at the requested pixel count."""
-    megapixels = normalize_megapixels(megapixels)
-    target_area = 1024 * 1024 * float(megapixels)
+def size_for_image(image_size: tuple[int, int]) -> tuple[int, int]:
+    """Output size for img2img/inpainting: the input's own size, scaled down to fit MAX_SIDE x MAX_SIDE,
+    each side rounded up to a multiple of 16 (what the public predictors do; megapixels does not apply)."""
     iw, ih = image_size
-    scale = (target_area / (iw * ih)) ** 0.5
-    # Very long images are capped at the table's longest side so the pixel count stays in range.
-    longest = max(max(side) for side in ASPECT_RATIOS.values()) * (0.5 if megapixels == "0.25" else 1.0)
-    scale = min(scale, longest / max(iw, ih))
-    return round_to_multiple(iw * scale), round_to_multiple(ih * scale)
+    scale = min(MAX_SIDE / iw, MAX_SIDE / ih, 1.0)
+    # Rounding up never passes MAX_SIDE: it is itself a multiple of 16.
+    return round_up_to_multiple(iw * scale), round_up_to_multiple(ih * scale)

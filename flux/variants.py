@@ -4,6 +4,10 @@ from dataclasses import dataclass
 
 from errors import UserInputError
 
+# Both variants accept up to 50 steps, as the public trained-version predictor does; schnell is
+# step-distilled, so more than its recommended 4 is allowed but logged.
+MIN_STEPS, MAX_STEPS = 1, 50
+
 
 @dataclass(frozen=True)
 class VariantSpec:
@@ -11,7 +15,7 @@ class VariantSpec:
     hf_repo: str  # where the diffusers-layout weights live on the Hugging Face Hub
     folder: str  # sub-folder name under a weights directory
     default_steps: int
-    max_steps: int
+    recommended_max_steps: int  # what the variant was distilled/tuned for; above it a warning is logged
     uses_guidance: bool  # dev is guidance-distilled; schnell ignores guidance
     max_sequence_length: int  # T5 tokens
     gated: bool  # needs HF_TOKEN to download
@@ -23,7 +27,7 @@ VARIANTS: dict[str, VariantSpec] = {
         hf_repo="black-forest-labs/FLUX.1-schnell",
         folder="FLUX.1-schnell",
         default_steps=4,
-        max_steps=4,
+        recommended_max_steps=4,
         uses_guidance=False,
         max_sequence_length=256,
         gated=False,
@@ -33,7 +37,7 @@ VARIANTS: dict[str, VariantSpec] = {
         hf_repo="black-forest-labs/FLUX.1-dev",
         folder="FLUX.1-dev",
         default_steps=28,
-        max_steps=50,
+        recommended_max_steps=50,
         uses_guidance=True,
         max_sequence_length=512,
         gated=True,

@@ -10,8 +10,8 @@ Outputs that are files are written under -o (default ./outputs). Docker and the 
 """
 
 import argparse
-import ast
 import base64
+import difflib
 import json
 import mimetypes
 import os
@@ -24,6 +24,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from cog_schema import static_inputs, write_bundled_schema
+
 ROOT = Path(__file__).resolve().parent.parent
 STUBS = {
     "predict": ("COG_PREDICT_TYPE_STUB", "predict.py:Runner"),
@@ -32,37 +34,37 @@ STUBS = {
 
 
 def declared_types(mode: str) -> dict[str, str]:
-    """{input name: annotation} of Runner.run / train, read without importing the (heavy) module."""
-    path, name = STUBS[mode][1].split(":")
-    tree = ast.parse((ROOT / path).read_text())
-    wanted = "run" if mode == "predict" else name
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name == wanted:
-            return {a.arg: ast.unparse(a.annotation) for a in node.args.args if a.annotation is not None}
-    return {}
+    """{input name: cog primitive (str, int, float, bool, Path, Secret)}, read as `cog build` reads them."""
+    return {item.name: item.primitive for item in static_inputs(mode)}
 
 
-def convert(value: str, annotation: str | None):
-    """A command-line value as the type the input declares; undeclared names are sent as JSON or text."""
-    if annotation in ("str", "Secret"):
+def convert(value: str, primitive: str | None):
+    """A command-line value as the type the input declares (str stays text: megapixels=0.25 is "0.25")."""
+    if primitive in ("str", "Secret"):
         return value
     try:
         return json.loads(value)
     except json.JSONDecodeError:
-        return value  # sent as text: the predictor's own validation names the field
+        return value  # sent as text: the schema or the predictor's own validation names the field
 
 
 def parse_inputs(pairs: list[str], mode: str = "predict") -> dict:
+    """-i key=value pairs as a request's input; like the cog CLI, a name the model does not declare is
+    refused (the server would drop it with only a warning in its log)."""
     types = declared_types(mode)
     inputs = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"-i {pair!r}: expected key=value")
+        if key not in types:
+            close = difflib.get_close_matches(key, list(types), n=3, cutoff=0.5)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise SystemExit(f"-i {key}: the model has no input {key!r}; {hint}inputs: {', '.join(types)}")
         if value.startswith("@"):
             inputs[key] = file_to_data_url(Path(value[1:]))
         else:
-            inputs[key] = convert(value, types.get(key))
+            inputs[key] = convert(value, types[key])
     return inputs
 
 
@@ -81,7 +83,11 @@ def free_port() -> int:
 def cog_server(
     mode: str = "predict", env: dict | None = None, setup_timeout: float = 600, log_path: Path | None = None
 ):
-    """Start `python -m cog.server.http` on a free loopback port; yield its base URL once READY."""
+    """Start `python -m cog.server.http` on a free loopback port; yield its base URL once READY.
+
+    The server gets the schema `cog build` would bundle (.cog/openapi_schema.json), so it validates and
+    drops unknown inputs as the built image does."""
+    write_bundled_schema(ROOT)
     port = free_port()
     stub_var, stub = STUBS[mode]
     server_env = {**os.environ, "PORT": str(port), stub_var: stub, **(env or {})}
@@ -137,16 +143,28 @@ def post_json(url: str, body: dict, timeout: float = 3600) -> dict:
 
 def run_job(url: str, mode: str, inputs: dict, timeout: float = 3600, busy_wait: float = 60) -> dict:
     """POST one job and wait for its result. The server answers 409 while its one slot is still
-    busy (also for a moment after the previous response); wait for it like a queue would."""
+    busy (coglet 0.23 also for a moment after the previous response): retried like a queue would.
+    A 422 (the input does not fit the schema) comes back as a failed job naming the fields."""
     endpoint = "trainings" if mode == "train" else "predictions"
     deadline = time.monotonic() + busy_wait
     while True:
         try:
             return post_json(f"{url}/{endpoint}", {"input": inputs}, timeout)
         except urllib.error.HTTPError as error:
+            if error.code == 422:
+                return {"status": "failed", "error": schema_error_text(error.read()), "http_status": 422}
             if error.code != 409 or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def schema_error_text(body: bytes) -> str:
+    """coglet's pydantic-style 422 detail as one line: `field: message; ...`."""
+    try:
+        detail = json.loads(body).get("detail", [])
+        return "; ".join(f"{item['loc'][-1]}: {item['msg']}" for item in detail) or body.decode()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return body.decode(errors="replace")
 
 
 def decode_data_url(value: str) -> bytes:

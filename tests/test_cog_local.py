@@ -2,6 +2,7 @@
 
 import base64
 
+import pytest
 from cog_local import declared_types, parse_inputs, write_outputs
 
 
@@ -32,3 +33,21 @@ def test_outputs_are_written_as_files(tmp_path):
     tar = "data:application/x-tar;base64," + base64.b64encode(b"tar-bytes").decode()
     assert [p.name for p in write_outputs({"weights": tar}, tmp_path)] == ["weights.tar"]
     assert (tmp_path / "weights.tar").read_bytes() == b"tar-bytes"
+
+
+def test_an_input_the_model_does_not_declare_is_refused_with_the_closest_names():
+    with pytest.raises(
+        SystemExit, match="no input 'guidance_sclae'; did you mean guidance_scale or guidance"
+    ):
+        parse_inputs(["prompt=a cat", "guidance_sclae=3"])
+    with pytest.raises(SystemExit, match="no input 'stepz'; did you mean steps"):
+        parse_inputs(["stepz=10"], "train")
+
+
+def test_optional_inputs_keep_their_declared_type():
+    # `str | None` inputs stay text even when the text looks like a number (a LoRA named 123, say).
+    assert parse_inputs(["lora_weights=123", "seed=-1", "width=1000"]) == {
+        "lora_weights": "123",
+        "seed": -1,
+        "width": 1000,
+    }
