@@ -1,5 +1,7 @@
 """LoraManager on the tiny model: unchanged LoRAs cost nothing, and the choice rules."""
 
+import logging
+
 import pytest
 import torch
 from lora_fixtures import known_update, save, to_peft
@@ -42,6 +44,22 @@ def test_choose_loras_rules():
         choose_loras("o/m", None, float("nan"), None, 1)
     with pytest.raises(UserInputError, match="extra_lora_scale: got 3.01"):
         choose_loras(None, None, 1, "x/y", 3.01)
+
+
+def test_extra_lora_alone_is_the_main_lora_at_its_own_scale():
+    assert choose_loras(None, None, 1.0, "x/y", 0.7) == [LoraChoice("extra_lora", "x/y", 0.7)]
+    assert choose_loras("", None, 2.0, " x/y ", -0.5) == [LoraChoice("extra_lora", "x/y", -0.5)]
+
+
+def test_extra_lora_equal_to_the_main_one_is_applied_once(caplog):
+    with caplog.at_level(logging.WARNING, logger="lora.serving"):
+        assert choose_loras("o/m", None, 0.8, " o/m", 1.5) == [LoraChoice("lora_weights", "o/m", 0.8)]
+    assert "extra_lora o/m is the same LoRA as lora_weights" in caplog.text
+    # Two spellings of one source count as the same LoRA.
+    assert choose_loras(None, "hf:o/r", 1, "huggingface.co/o/r", 1) == [
+        LoraChoice("replicate_weights", "hf:o/r", 1.0)
+    ]
+    assert len(choose_loras("o/m", None, 1, "o/other", 1)) == 2
 
 
 def test_references_are_logged_short_and_without_tokens():

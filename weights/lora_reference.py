@@ -250,6 +250,20 @@ def refuse_pickle_name(name: str) -> None:
         raise LoraReferenceError(f"{Path(name).name} is a pickle format; {ONLY_SAFETENSORS}")
 
 
+def same_reference(a: str, b: str) -> bool:
+    """Whether two references name the same LoRA: equal text, or spellings of one source.
+
+    Offline (parsing only), so `hf:o/r` and `huggingface.co/o/r` match but a Replicate model and
+    the version it points to do not. A reference that does not parse is only equal to itself.
+    """
+    if a.strip() == b.strip():
+        return True
+    try:
+        return parse_lora_reference(a) == parse_lora_reference(b)
+    except LoraReferenceError:
+        return False
+
+
 def display_reference(reference: str, limit: int = 120) -> str:
     """A reference as logs show it: data: URLs by type and size, URLs without their query (tokens)."""
     if reference.startswith("data:"):
