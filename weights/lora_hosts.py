@@ -3,8 +3,8 @@
 Each `download_*` function writes the raw file a source names (a .safetensors, or a tar/zip from
 a trainer) to `dest` and returns a description for messages; weights.lora_source verifies it.
 
-A bare `owner/name` (HfSource with or_replicate) follows the `owner/name` rule described in
-weights.lora_reference: Hugging Face first, then the Replicate model of that name.
+A bare `owner/name` (ReplicateSource with or_hf) follows the `owner/name` rule described in
+weights.lora_reference: the Replicate model first, then the Hugging Face repo of that name.
 
 Environment (read at each call, so tests and the server can change it):
   HF_TOKEN, REPLICATE_API_TOKEN, CIVITAI_API_TOKEN  sent as Bearer tokens, only to their service
@@ -52,8 +52,6 @@ def download_hf(source: HfSource, dest: Path, limits: DownloadLimits) -> str:
         try:
             filename = _pick_hf_file(source, endpoint, auth, limits)
         except DownloadError as err:
-            if source.or_replicate and err.kind in ("not_found", "auth"):
-                return _replicate_after_hf(source, dest, limits, err)
             raise _hf_error(source, err) from None
     url = "/".join(
         (
@@ -108,23 +106,6 @@ def _hf_error(source: HfSource, err: DownloadError, filename: str | None = None)
     return DownloadError(err.kind, err.url, message, err.status)
 
 
-def _replicate_after_hf(source: HfSource, dest: Path, limits: DownloadLimits, hf_err: DownloadError) -> str:
-    owner, model = source.repo_id.split("/")
-    log.info(
-        "%s is not a Hugging Face repo (HTTP %s); trying the Replicate model", source.repo_id, hf_err.status
-    )
-    try:
-        return download_replicate(ReplicateSource(owner, model), dest, limits)
-    except DownloadError as err:
-        if err.kind not in ("not_found", "auth"):
-            raise
-        raise LoraReferenceError(
-            f"{source.repo_id} was looked up on Hugging Face (HTTP {hf_err.status}) and on Replicate "
-            f"(HTTP {err.status}) and neither returned it; private repos/models need HF_TOKEN or "
-            "REPLICATE_API_TOKEN; write hf:owner/repo or replicate:owner/model to pick one"
-        ) from None
-
-
 # --- Replicate ---
 
 
@@ -142,18 +123,46 @@ def download_replicate(source: ReplicateSource, dest: Path, limits: DownloadLimi
     try:
         download_to_file(f"{base}/{path}", dest, auth=auth, limits=limits)
     except DownloadError as err:
-        shown = f"{name}" + (f" version {source.version}" if source.version else "")
-        if err.kind == "not_found":
-            message = (
-                f"Replicate has no weights for {shown} ({_redact(err.url)}): check the name; only "
-                "trained models have downloadable weights; a private model needs REPLICATE_API_TOKEN"
-            )
-        elif err.kind == "auth":
-            message = f"Replicate refused access to {shown} (HTTP {err.status}): set REPLICATE_API_TOKEN"
-        else:
-            message = f"Replicate model {shown}: {err}"
-        raise DownloadError(err.kind, err.url, message, err.status) from None
+        # Only "no such model" sends a bare owner/name on to Hugging Face: a refusal (401/403)
+        # means the Replicate model exists, and a same-named repo elsewhere is not what was meant.
+        if source.or_hf and err.kind == "not_found":
+            return _hf_after_replicate(source, dest, limits, err)
+        raise _replicate_error(source, err) from None
     return f"the weights of Replicate model {name}"
+
+
+def _replicate_error(source: ReplicateSource, err: DownloadError) -> DownloadError:
+    name = f"{source.owner}/{source.model}"
+    shown = f"{name}" + (f" version {source.version}" if source.version else "")
+    if err.kind == "not_found":
+        message = (
+            f"Replicate has no weights for {shown} ({_redact(err.url)}): check the name; only "
+            "trained models have downloadable weights; a private model needs REPLICATE_API_TOKEN"
+        )
+    elif err.kind == "auth":
+        message = f"Replicate refused access to {shown} (HTTP {err.status}): set REPLICATE_API_TOKEN"
+        if source.or_hf:
+            message += f"; for the Hugging Face repo of that name write hf:{name}"
+    else:
+        message = f"Replicate model {shown}: {err}"
+    return DownloadError(err.kind, err.url, message, err.status)
+
+
+def _hf_after_replicate(
+    source: ReplicateSource, dest: Path, limits: DownloadLimits, replicate_err: DownloadError
+) -> str:
+    name = f"{source.owner}/{source.model}"
+    log.info("%s is not a Replicate model (HTTP %s); trying the Hugging Face repo", name, replicate_err.status)
+    try:
+        return download_hf(HfSource(name), dest, limits)
+    except DownloadError as err:
+        if err.kind not in ("not_found", "auth"):
+            raise
+        raise LoraReferenceError(
+            f"{name} was looked up on Replicate (HTTP {replicate_err.status}) and on Hugging Face "
+            f"(HTTP {err.status}) and neither returned it; private models/repos need REPLICATE_API_TOKEN "
+            "or HF_TOKEN; write replicate:owner/model or hf:owner/repo to pick one"
+        ) from None
 
 
 # --- CivitAI ---

@@ -76,10 +76,10 @@ def source_key(source: LoraSource) -> str:
     if isinstance(source, DataSource):
         return "data:sha256:" + hashlib.sha256(source.url.encode("utf-8")).hexdigest()
     if isinstance(source, HfSource):
-        key = f"hf:{hf_endpoint()}:{source.repo_id}@{source.revision}:{source.filename or '*'}"
-        return key + (f"|replicate:{replicate_base()}" if source.or_replicate else "")
+        return f"hf:{hf_endpoint()}:{source.repo_id}@{source.revision}:{source.filename or '*'}"
     if isinstance(source, ReplicateSource):
-        return f"replicate:{replicate_base()}:{source.owner}/{source.model}@{source.version or 'latest'}"
+        key = f"replicate:{replicate_base()}:{source.owner}/{source.model}@{source.version or 'latest'}"
+        return key + (f"|hf:{hf_endpoint()}" if source.or_hf else "")
     if isinstance(source, CivitaiSource):
         if source.version_id is not None:
             return f"civitai:{civitai_base()}:version={source.version_id}?{source.query}"
