@@ -20,6 +20,7 @@ from lora.formats import CanonicalLora, read_lora_file
 from weights.lora_cache import LoraCache
 from weights.lora_reference import display_reference, same_reference
 from weights.lora_source import fetch_lora
+from weights.lora_tokens import LoraTokens
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,14 @@ class LoraManager:
         self._parsed: OrderedDict[tuple, CanonicalLora] = OrderedDict()
         self.files_read = 0  # how many times a LoRA file was parsed (tests check unchanged ones are not)
 
-    def activate(self, variant: str, choices: list[LoraChoice]) -> bool:
-        """Fuse exactly `choices` into the variant's transformer; True if its weights changed."""
+    def activate(self, variant: str, choices: list[LoraChoice], tokens: LoraTokens | None = None) -> bool:
+        """Fuse exactly `choices` into the variant's transformer; True if its weights changed.
+
+        `tokens`: the request's hf_api_token / civitai_api_token (the environment's when absent).
+        """
         requested = []
         for choice in choices:
-            path = fetch_lora(choice.reference, self._cache, choice.field)
+            path = fetch_lora(choice.reference, self._cache, choice.field, tokens=tokens)
             key, lora = self._read(variant, path, choice.field)
             requested.append((key, lora, choice.scale))
         changed = self._fusers[variant].set_loras(requested)

@@ -8,7 +8,11 @@ from lora_fixtures import known_update, save, to_peft
 
 from errors import UserInputError
 from lora.serving import LoraChoice, LoraManager, choose_loras
+from tests.http_fixture import fixture_server
 from weights.lora_cache import LoraCache
+from weights.lora_tokens import LoraTokens
+
+__all__ = ["fixture_server"]
 
 
 def test_an_unchanged_lora_is_not_read_or_fused_again(tiny_models, tmp_path):
@@ -30,6 +34,27 @@ def test_an_unchanged_lora_is_not_read_or_fused_again(tiny_models, tmp_path):
     finally:
         manager.activate("schnell", [])
     assert all(torch.equal(base[n], p) for n, p in transformer.state_dict().items())
+
+
+def test_activate_takes_the_request_tokens(tiny_models, tmp_path, fixture_server, monkeypatch):
+    transformer = tiny_models.transformers["schnell"]
+    shapes = {
+        n: tuple(m.weight.shape)
+        for n, m in transformer.named_modules()
+        if isinstance(m, torch.nn.Linear) and "blocks." in n
+    }
+    body = save(tmp_path / "p.safetensors", *to_peft(known_update(shapes, seed=4))).read_bytes()
+    fixture_server.add("/hf/alice/private/resolve/main/p.safetensors", body, require_auth="Bearer hf_mine")
+    monkeypatch.setenv("HF_ENDPOINT", fixture_server.url("/hf"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    manager = LoraManager({"schnell": transformer}, LoraCache(tmp_path / "cache", 10**9))
+    choice = LoraChoice("lora_weights", "alice/private/p.safetensors", 1.0)
+    try:
+        with pytest.raises(UserInputError, match="hf_api_token or HF_TOKEN"):
+            manager.activate("schnell", [choice])
+        assert manager.activate("schnell", [choice], tokens=LoraTokens(hf="hf_mine", civitai=None)) is True
+    finally:
+        manager.activate("schnell", [])
 
 
 def test_choose_loras_rules():

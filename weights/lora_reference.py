@@ -36,6 +36,7 @@ from pathlib import Path
 
 from weights.archive import ONLY_SAFETENSORS
 from weights.download import redact as _redact
+from weights.lora_tokens import TOKEN
 
 _REMOTE_FORMS = (
     "a Hugging Face repo (owner/repo, huggingface.co/owner/repo[/file.safetensors], hf:owner/repo), "
@@ -213,6 +214,8 @@ def _parse_civitai_url(segments: list[str], query: str) -> CivitaiSource:
         pairs = urllib.parse.parse_qsl(query)
         kept = [(k, v) for k, v in pairs if k.lower() != "token"]
         token = next((v for k, v in pairs if k.lower() == "token"), None)
+        if token is not None and not TOKEN.match(token):
+            raise LoraReferenceError("the token in the URL has characters an HTTP token cannot have")
         return CivitaiSource(None, segments[3], urllib.parse.urlencode(kept), url_token=token)
     raise LoraReferenceError(
         "a CivitAI reference is https://civitai.com/models/<id>[?modelVersionId=<v>] "
