@@ -68,35 +68,35 @@ def test_a_bare_name_sends_the_hf_token_only_to_hugging_face(
     assert authorizations(services, "/hf/") == {f"Bearer {HF_INPUT}"}
 
 
+def fetch_with_env_set(
+    services: FixtureServer,
+    cache: LoraCache,
+    monkeypatch: pytest.MonkeyPatch,
+    accepted: str,
+    tokens: LoraTokens,
+) -> None:
+    """HF_TOKEN / CIVITAI_API_TOKEN set, hosts that take only `accepted`'s pair: both fetches work."""
+    hf_token, civitai_token = {"env": (HF_ENV, CIV_ENV), "input": (HF_INPUT, CIV_INPUT)}[accepted]
+    private_hf(services, "alice/private", hf_token)
+    services.add("/civitai/api/download/models/501", OTHER, require_auth=f"Bearer {civitai_token}")
+    monkeypatch.setenv("HF_TOKEN", HF_ENV)
+    monkeypatch.setenv("CIVITAI_API_TOKEN", CIV_ENV)
+    assert fetch_lora("hf:alice/private", cache, tokens=tokens).read_bytes() == LORA
+    civitai = "https://civitai.com/models/7?modelVersionId=501"
+    assert fetch_lora(civitai, cache, tokens=tokens).read_bytes() == OTHER
+
+
 @pytest.mark.parametrize("empty", [None, "", "   "])
 def test_the_environment_token_is_used_when_the_input_is_empty(
     services: FixtureServer, cache: LoraCache, monkeypatch: pytest.MonkeyPatch, empty: str | None
 ) -> None:
-    private_hf(services, "alice/private", HF_ENV)
-    services.add("/civitai/api/download/models/501", OTHER, require_auth=f"Bearer {CIV_ENV}")
-    monkeypatch.setenv("HF_TOKEN", HF_ENV)
-    monkeypatch.setenv("CIVITAI_API_TOKEN", CIV_ENV)
-    tokens = LoraTokens(hf=empty, civitai=empty)
-    assert fetch_lora("hf:alice/private", cache, tokens=tokens).read_bytes() == LORA
-    assert (
-        fetch_lora("https://civitai.com/models/7?modelVersionId=501", cache, tokens=tokens).read_bytes()
-        == OTHER
-    )
+    fetch_with_env_set(services, cache, monkeypatch, "env", LoraTokens(hf=empty, civitai=empty))
 
 
 def test_the_input_token_wins_over_the_environment(
     services: FixtureServer, cache: LoraCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    private_hf(services, "alice/private", HF_INPUT)
-    services.add("/civitai/api/download/models/501", OTHER, require_auth=f"Bearer {CIV_INPUT}")
-    monkeypatch.setenv("HF_TOKEN", HF_ENV)
-    monkeypatch.setenv("CIVITAI_API_TOKEN", CIV_ENV)
-    tokens = LoraTokens(hf=HF_INPUT, civitai=CIV_INPUT)
-    assert fetch_lora("hf:alice/private", cache, tokens=tokens).read_bytes() == LORA
-    assert (
-        fetch_lora("https://civitai.com/models/7?modelVersionId=501", cache, tokens=tokens).read_bytes()
-        == OTHER
-    )
+    fetch_with_env_set(services, cache, monkeypatch, "input", LoraTokens(hf=HF_INPUT, civitai=CIV_INPUT))
     sent = authorizations(services, "/")
     assert f"Bearer {HF_ENV}" not in sent and f"Bearer {CIV_ENV}" not in sent
 
