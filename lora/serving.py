@@ -18,8 +18,9 @@ from errors import UserInputError
 from lora.apply import LoraFuser
 from lora.formats import CanonicalLora, read_lora_file
 from weights.lora_cache import LoraCache
-from weights.lora_reference import display_reference
+from weights.lora_reference import display_reference, same_reference
 from weights.lora_source import fetch_lora
+from weights.lora_tokens import LoraTokens
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,15 @@ def choose_loras(
     extra_lora: str | None,
     extra_lora_scale: float,
 ) -> list[LoraChoice]:
-    """Validate the LoRA inputs; `replicate_weights` is the name trained versions use for `lora_weights`."""
+    """Validate the LoRA inputs; `replicate_weights` is the name trained versions use for `lora_weights`.
+
+    Replicate's rules: an `extra_lora` naming the main LoRA is dropped (with a warning), and an
+    `extra_lora` without a main LoRA takes its place, keeping `extra_lora_scale`.
+    """
     lora_weights, replicate_weights, extra_lora = (
         _blank_to_none(v) for v in (lora_weights, replicate_weights, extra_lora)
     )
-    if lora_weights and replicate_weights and lora_weights != replicate_weights:
+    if lora_weights and replicate_weights and not same_reference(lora_weights, replicate_weights):
         raise UserInputError(
             "replicate_weights",
             replicate_weights,
@@ -55,6 +60,18 @@ def choose_loras(
     main = lora_weights or replicate_weights
     _check_scale("lora_scale", lora_scale)
     _check_scale("extra_lora_scale", extra_lora_scale)
+    if extra_lora and not main:
+        # As on Replicate: a lone extra_lora is the main LoRA, at its own scale (extra_lora_scale).
+        main_field, main, lora_scale, extra_lora = "extra_lora", extra_lora, extra_lora_scale, None
+    if main and extra_lora and same_reference(main, extra_lora):
+        # Fusing one file twice would double its strength; Replicate's containers apply it once too.
+        log.warning(
+            "extra_lora %s is the same LoRA as %s; applying it once, at lora_scale %g",
+            display_reference(extra_lora),
+            main_field,
+            lora_scale,
+        )
+        extra_lora = None
     choices = []
     if main:
         choices.append(LoraChoice(main_field, main, float(lora_scale)))
@@ -71,11 +88,14 @@ class LoraManager:
         self._parsed: OrderedDict[tuple, CanonicalLora] = OrderedDict()
         self.files_read = 0  # how many times a LoRA file was parsed (tests check unchanged ones are not)
 
-    def activate(self, variant: str, choices: list[LoraChoice]) -> bool:
-        """Fuse exactly `choices` into the variant's transformer; True if its weights changed."""
+    def activate(self, variant: str, choices: list[LoraChoice], tokens: LoraTokens | None = None) -> bool:
+        """Fuse exactly `choices` into the variant's transformer; True if its weights changed.
+
+        `tokens`: the request's hf_api_token / civitai_api_token (the environment's when absent).
+        """
         requested = []
         for choice in choices:
-            path = fetch_lora(choice.reference, self._cache, choice.field)
+            path = fetch_lora(choice.reference, self._cache, choice.field, tokens=tokens)
             key, lora = self._read(variant, path, choice.field)
             requested.append((key, lora, choice.scale))
         changed = self._fusers[variant].set_loras(requested)

@@ -76,8 +76,8 @@ def hf_repo(
 @pytest.mark.parametrize(
     "reference,expected",
     [
-        ("alice/style", HfSource("alice/style", or_replicate=True)),
-        ("  alice/style  ", HfSource("alice/style", or_replicate=True)),
+        ("alice/style", ReplicateSource("alice", "style", or_hf=True)),
+        ("  alice/style  ", ReplicateSource("alice", "style", or_hf=True)),
         ("hf:alice/style", HfSource("alice/style")),
         ("alice/style/sub/lora.safetensors", HfSource("alice/style", filename="sub/lora.safetensors")),
         ("huggingface.co/alice/style", HfSource("alice/style")),
@@ -170,7 +170,7 @@ def test_equivalent_hf_references_share_a_key(monkeypatch: pytest.MonkeyPatch) -
         )
     }
     assert len(keys) == 1
-    assert source_key(parse_lora_reference("alice/style")) not in keys  # may also mean a Replicate model
+    assert source_key(parse_lora_reference("alice/style")) not in keys  # a Replicate model first
     assert source_key(parse_lora_reference("hf:alice/style/a.safetensors")) not in keys
 
 
@@ -254,32 +254,42 @@ def test_hf_missing_file_names_it(services: FixtureServer, cache: LoraCache) -> 
     assert "alice/style/nope.safetensors" in str(info.value) and "HTTP 404" in str(info.value)
 
 
-# --- owner/name: Hugging Face first, then Replicate ---
+# --- owner/name: Replicate first (as on Replicate), then Hugging Face ---
 
 
-def test_bare_name_prefers_hugging_face(services: FixtureServer, cache: LoraCache) -> None:
+def test_bare_name_prefers_replicate(services: FixtureServer, cache: LoraCache) -> None:
     hf_repo(services, "carol/both", {"lora.safetensors": LORA})
-    services.add("/replicate/carol/both/_weights", tar_bytes({"lora.safetensors": OTHER}))
-    assert fetch_lora("carol/both", cache).read_bytes() == LORA
-    assert services.hits["/replicate/carol/both/_weights"] == 0
+    services.redirect("/replicate/carol/both/_weights", "/delivery/xyz/trained_model.tar")
+    services.add("/delivery/xyz/trained_model.tar", tar_bytes({"lora.safetensors": OTHER}))
+    assert fetch_lora("carol/both", cache).read_bytes() == OTHER
+    assert services.hits["/hf/api/models/carol/both/revision/main"] == 0
+    # Naming the host picks Hugging Face.
+    assert fetch_lora("hf:carol/both", cache).read_bytes() == LORA
+    assert fetch_lora("huggingface.co/carol/both", cache).read_bytes() == LORA
 
 
-def test_bare_name_falls_back_to_replicate(services: FixtureServer, cache: LoraCache) -> None:
-    # Hugging Face answers 401 for a repo that does not exist (unauthenticated), as the real hub does.
-    services.add("/hf/api/models/bob/trained/revision/main", b"{}", status=401)
-    services.redirect("/replicate/bob/trained/_weights", "/delivery/abc/trained_model.tar")
-    services.add(
-        "/delivery/abc/trained_model.tar", tar_bytes({"output/flux_train_replicate/lora.safetensors": LORA})
-    )
-    assert fetch_lora("bob/trained", cache).read_bytes() == LORA
-    assert services.hits["/replicate/bob/trained/_weights"] == 1
+def test_bare_name_falls_back_to_hugging_face(services: FixtureServer, cache: LoraCache) -> None:
+    hf_repo(services, "alice/style", {"lora.safetensors": LORA})  # Replicate answers 404 for it
+    assert fetch_lora("alice/style", cache).read_bytes() == LORA
+    assert services.hits["/replicate/alice/style/_weights"] == 1
+
+
+def test_bare_name_refused_by_replicate_is_not_looked_up_elsewhere(
+    services: FixtureServer, cache: LoraCache
+) -> None:
+    hf_repo(services, "dan/private", {"lora.safetensors": LORA})
+    services.add("/replicate/dan/private/_weights", b"no", status=401)
+    with pytest.raises(UserInputError) as info:
+        fetch_lora("dan/private", cache)
+    assert "REPLICATE_API_TOKEN" in str(info.value) and "hf:dan/private" in str(info.value)
+    assert services.hits["/hf/api/models/dan/private/revision/main"] == 0
 
 
 def test_bare_name_on_neither_names_both(services: FixtureServer, cache: LoraCache) -> None:
     with pytest.raises(UserInputError) as info:
         fetch_lora("nobody/nothing", cache)
     message = str(info.value)
-    assert "Hugging Face (HTTP 404)" in message and "Replicate (HTTP 404)" in message
+    assert "Replicate (HTTP 404)" in message and "Hugging Face (HTTP 404)" in message
     assert "hf:owner/repo" in message and "replicate:owner/model" in message
 
 

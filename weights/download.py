@@ -44,7 +44,8 @@ class DownloadLimits:
 class Auth:
     """A header value (e.g. 'Bearer hf_...') sent only to `host` (the origin that wants it).
 
-    `env_var` names where the token came from (or should come from), for error messages.
+    `env_var` names where the token came from (an input such as hf_api_token, or an environment
+    variable), or where one could be set, for error messages; never the token itself.
     """
 
     host: str

@@ -3,11 +3,13 @@
 Each `download_*` function writes the raw file a source names (a .safetensors, or a tar/zip from
 a trainer) to `dest` and returns a description for messages; weights.lora_source verifies it.
 
-A bare `owner/name` (HfSource with or_replicate) follows the `owner/name` rule described in
-weights.lora_reference: Hugging Face first, then the Replicate model of that name.
+A bare `owner/name` (ReplicateSource with or_hf) follows the `owner/name` rule described in
+weights.lora_reference: the Replicate model first, then the Hugging Face repo of that name.
+
+Tokens (weights.lora_tokens: the request's hf_api_token / civitai_api_token, else HF_TOKEN,
+CIVITAI_API_TOKEN, REPLICATE_API_TOKEN) are sent as Bearer tokens, only to their own service.
 
 Environment (read at each call, so tests and the server can change it):
-  HF_TOKEN, REPLICATE_API_TOKEN, CIVITAI_API_TOKEN  sent as Bearer tokens, only to their service
   HF_ENDPOINT (https://huggingface.co), FLUX_REPLICATE_BASE_URL (https://replicate.com),
   FLUX_CIVITAI_BASE_URL (https://civitai.com)       where those services are reached
 """
@@ -29,6 +31,7 @@ from weights.lora_reference import (
     LoraReferenceError,
     ReplicateSource,
 )
+from weights.lora_tokens import Credential, LoraTokens
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +43,19 @@ def hf_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
-def _hf_auth() -> Auth:
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    return Auth(host_of(hf_endpoint()), f"Bearer {token}" if token else None, "HF_TOKEN")
+def _auth(base: str, credential: Credential) -> Auth:
+    return Auth(host_of(base), credential.header, credential.origin)
 
 
-def download_hf(source: HfSource, dest: Path, limits: DownloadLimits) -> str:
-    endpoint, auth = hf_endpoint(), _hf_auth()
+def download_hf(source: HfSource, dest: Path, limits: DownloadLimits, tokens: LoraTokens) -> str:
+    endpoint, credential = hf_endpoint(), tokens.for_hf()
+    auth = _auth(endpoint, credential)
     filename = source.filename
     if filename is None:
         try:
             filename = _pick_hf_file(source, endpoint, auth, limits)
         except DownloadError as err:
-            if source.or_replicate and err.kind in ("not_found", "auth"):
-                return _replicate_after_hf(source, dest, limits, err)
-            raise _hf_error(source, err) from None
+            raise _hf_error(source, err, credential) from None
     url = "/".join(
         (
             endpoint,
@@ -67,7 +68,7 @@ def download_hf(source: HfSource, dest: Path, limits: DownloadLimits) -> str:
     try:
         download_to_file(url, dest, auth=auth, limits=limits)
     except DownloadError as err:
-        raise _hf_error(source, err, filename) from None
+        raise _hf_error(source, err, credential, filename) from None
     return f"{filename} from Hugging Face repo {source.repo_id}"
 
 
@@ -92,13 +93,15 @@ def _pick_hf_file(source: HfSource, endpoint: str, auth: Auth, limits: DownloadL
     )
 
 
-def _hf_error(source: HfSource, err: DownloadError, filename: str | None = None) -> DownloadError:
+def _hf_error(
+    source: HfSource, err: DownloadError, credential: Credential, filename: str | None = None
+) -> DownloadError:
     target = f"{source.repo_id}/{filename}" if filename else f"repo {source.repo_id}"
     if err.kind == "auth":
         hint = (
-            "the HF_TOKEN set cannot read it"
-            if _hf_auth().header
-            else "the repo may be private or gated, or may not exist: set HF_TOKEN to read a private repo"
+            f"the {credential.origin} set cannot read it"
+            if credential.token
+            else f"the repo may be private or gated, or may not exist: set {credential.origin} to read a private repo"
         )
         message = f"Hugging Face refused access to {target} (HTTP {err.status}): {hint}"
     elif err.kind == "not_found":
@@ -108,23 +111,6 @@ def _hf_error(source: HfSource, err: DownloadError, filename: str | None = None)
     return DownloadError(err.kind, err.url, message, err.status)
 
 
-def _replicate_after_hf(source: HfSource, dest: Path, limits: DownloadLimits, hf_err: DownloadError) -> str:
-    owner, model = source.repo_id.split("/")
-    log.info(
-        "%s is not a Hugging Face repo (HTTP %s); trying the Replicate model", source.repo_id, hf_err.status
-    )
-    try:
-        return download_replicate(ReplicateSource(owner, model), dest, limits)
-    except DownloadError as err:
-        if err.kind not in ("not_found", "auth"):
-            raise
-        raise LoraReferenceError(
-            f"{source.repo_id} was looked up on Hugging Face (HTTP {hf_err.status}) and on Replicate "
-            f"(HTTP {err.status}) and neither returned it; private repos/models need HF_TOKEN or "
-            "REPLICATE_API_TOKEN; write hf:owner/repo or replicate:owner/model to pick one"
-        ) from None
-
-
 # --- Replicate ---
 
 
@@ -132,28 +118,68 @@ def replicate_base() -> str:
     return (os.environ.get("FLUX_REPLICATE_BASE_URL") or "https://replicate.com").rstrip("/")
 
 
-def download_replicate(source: ReplicateSource, dest: Path, limits: DownloadLimits) -> str:
+def download_replicate(
+    source: ReplicateSource, dest: Path, limits: DownloadLimits, tokens: LoraTokens
+) -> str:
     """A Replicate model's `_weights` URL redirects to the trained weights (a tar)."""
     base = replicate_base()
-    token = os.environ.get("REPLICATE_API_TOKEN")
-    auth = Auth(host_of(base), f"Bearer {token}" if token else None, "REPLICATE_API_TOKEN")
+    credential = tokens.for_replicate()
+    auth = _auth(base, credential)
     name = f"{source.owner}/{source.model}"
     path = f"{name}/versions/{source.version}/_weights" if source.version else f"{name}/_weights"
     try:
         download_to_file(f"{base}/{path}", dest, auth=auth, limits=limits)
     except DownloadError as err:
-        shown = f"{name}" + (f" version {source.version}" if source.version else "")
-        if err.kind == "not_found":
-            message = (
-                f"Replicate has no weights for {shown} ({_redact(err.url)}): check the name; only "
-                "trained models have downloadable weights; a private model needs REPLICATE_API_TOKEN"
-            )
-        elif err.kind == "auth":
-            message = f"Replicate refused access to {shown} (HTTP {err.status}): set REPLICATE_API_TOKEN"
-        else:
-            message = f"Replicate model {shown}: {err}"
-        raise DownloadError(err.kind, err.url, message, err.status) from None
+        # Only "no such model" sends a bare owner/name on to Hugging Face: a refusal (401/403)
+        # means the Replicate model exists, and a same-named repo elsewhere is not what was meant.
+        if source.or_hf and err.kind == "not_found":
+            return _hf_after_replicate(source, dest, limits, tokens, err)
+        raise _replicate_error(source, err, credential) from None
     return f"the weights of Replicate model {name}"
+
+
+def _replicate_error(source: ReplicateSource, err: DownloadError, credential: Credential) -> DownloadError:
+    name = f"{source.owner}/{source.model}"
+    shown = f"{name}" + (f" version {source.version}" if source.version else "")
+    if err.kind == "not_found":
+        message = (
+            f"Replicate has no weights for {shown} ({_redact(err.url)}): check the name; only "
+            f"trained models have downloadable weights; a private model needs {credential.origin}"
+        )
+    elif err.kind == "auth":
+        hint = (
+            f"the {credential.origin} set cannot read it" if credential.token else f"set {credential.origin}"
+        )
+        message = f"Replicate refused access to {shown} (HTTP {err.status}): {hint}"
+        if source.or_hf:
+            message += f"; for the Hugging Face repo of that name write hf:{name}"
+    else:
+        message = f"Replicate model {shown}: {err}"
+    return DownloadError(err.kind, err.url, message, err.status)
+
+
+def _hf_after_replicate(
+    source: ReplicateSource,
+    dest: Path,
+    limits: DownloadLimits,
+    tokens: LoraTokens,
+    replicate_err: DownloadError,
+) -> str:
+    name = f"{source.owner}/{source.model}"
+    log.info(
+        "%s is not a Replicate model (HTTP %s); trying the Hugging Face repo", name, replicate_err.status
+    )
+    try:
+        return download_hf(HfSource(name), dest, limits, tokens)
+    except DownloadError as err:
+        if err.kind not in ("not_found", "auth"):
+            raise
+        raise LoraReferenceError(
+            f"{name} was looked up on Replicate (HTTP {replicate_err.status}) and on Hugging Face "
+            f"(HTTP {err.status}) and neither returned it; private models/repos need "
+            f"{tokens.for_replicate().origin} or {tokens.for_hf().origin}; write replicate:owner/model or "
+            "hf:owner/repo to pick one"
+        ) from None
 
 
 # --- CivitAI ---
@@ -166,10 +192,10 @@ def civitai_base() -> str:
 _LORA_TYPES = {"lora", "locon", "dora", "lycoris"}
 
 
-def download_civitai(source: CivitaiSource, dest: Path, limits: DownloadLimits) -> str:
+def download_civitai(source: CivitaiSource, dest: Path, limits: DownloadLimits, tokens: LoraTokens) -> str:
     base = civitai_base()
-    token = source.url_token or os.environ.get("CIVITAI_API_TOKEN")
-    auth = Auth(host_of(base), f"Bearer {token}" if token else None, "CIVITAI_API_TOKEN")
+    credential = tokens.for_civitai(source.url_token)
+    auth = _auth(base, credential)
     version = source.version_id
     if version is None:
         version = _latest_civitai_version(source.model_id or "", base, auth, limits)
@@ -179,7 +205,11 @@ def download_civitai(source: CivitaiSource, dest: Path, limits: DownloadLimits) 
         download_to_file(url, dest, auth=auth, limits=limits)
     except DownloadError as err:
         if err.kind == "auth":
-            message = f"CivitAI requires a login for model version {version}: set CIVITAI_API_TOKEN"
+            message = (
+                f"CivitAI refused model version {version} with the token from {credential.origin}"
+                if credential.token
+                else f"CivitAI requires a login for model version {version}: set {credential.origin}"
+            )
         elif err.kind == "not_found":
             message = (
                 f"CivitAI has no model version {version} ({_redact(err.url)}); the number in a download "

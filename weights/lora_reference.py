@@ -17,10 +17,12 @@ download and weights.lora_source.fetch_lora is the entry point. A reference is o
                      https://civitai.com/api/download/models/<versionId>
   data: URL          base64 (or percent-encoded) bytes of a .safetensors, .tar or .zip
 
-The `owner/name` rule: both Hugging Face and Replicate use this form. A bare `owner/name` is
-looked up on Hugging Face first; when Hugging Face answers that it has no such repo (404, or 401,
-which it also returns for a missing repo), the Replicate model `owner/name` is tried. The error
-then names both. `hf:` or `replicate:` in front picks one and skips the other lookup.
+The `owner/name` rule: both Hugging Face and Replicate use this form; it means what it means on
+Replicate, a Replicate model's weights. When Replicate answers that it has no such model (404),
+the Hugging Face repo `owner/name` is tried, and the error then names both. `hf:`,
+`huggingface.co/` or `replicate:` in front picks one and skips the other lookup. Three segments
+are told apart by the last one, as nothing else can: a hex version id is Replicate's
+`owner/model/<version>`, a `.safetensors` name is a file in a Hugging Face repo.
 
 Pickle file names are refused here, before anything is fetched.
 """
@@ -34,6 +36,7 @@ from pathlib import Path
 
 from weights.archive import ONLY_SAFETENSORS
 from weights.download import redact as _redact
+from weights.lora_tokens import TOKEN
 
 _REMOTE_FORMS = (
     "a Hugging Face repo (owner/repo, huggingface.co/owner/repo[/file.safetensors], hf:owner/repo), "
@@ -77,7 +80,6 @@ class HfSource:
     repo_id: str
     revision: str = "main"
     filename: str | None = None
-    or_replicate: bool = False  # a bare owner/name: try Replicate when Hugging Face has no such repo
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class ReplicateSource:
     owner: str
     model: str
     version: str | None = None
+    or_hf: bool = False  # a bare owner/name: try Hugging Face when Replicate has no such model
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ def parse_lora_reference(reference: str) -> LoraSource:
     if lower.startswith("data:"):
         return DataSource(ref)
     if lower.startswith(("hf:", "huggingface:")):
-        return _parse_hf_path(ref.split(":", 1)[1].strip("/"), explicit=True)
+        return _parse_hf_path(ref.split(":", 1)[1].strip("/"))
     if lower.startswith("replicate:"):
         return _parse_replicate_path(ref.split(":", 1)[1].strip("/"))
     if lower.startswith("file://"):
@@ -168,7 +171,7 @@ def _parse_hf_url(segments: list[str]) -> HfSource:
     return HfSource(repo_id, filename=filename)
 
 
-def _parse_hf_path(path: str, explicit: bool) -> HfSource:
+def _parse_hf_path(path: str) -> HfSource:
     segments = [s for s in path.split("/") if s]
     if len(segments) < 2:
         raise LoraReferenceError("a Hugging Face reference is owner/repo[/file.safetensors]")
@@ -176,7 +179,7 @@ def _parse_hf_path(path: str, explicit: bool) -> HfSource:
     filename = "/".join(segments[2:]) or None
     if filename is not None:
         _check_hf_filename(filename)
-    return HfSource(repo_id, filename=filename, or_replicate=not explicit and filename is None)
+    return HfSource(repo_id, filename=filename)
 
 
 def _parse_replicate_path(path: str) -> ReplicateSource:
@@ -211,6 +214,8 @@ def _parse_civitai_url(segments: list[str], query: str) -> CivitaiSource:
         pairs = urllib.parse.parse_qsl(query)
         kept = [(k, v) for k, v in pairs if k.lower() != "token"]
         token = next((v for k, v in pairs if k.lower() == "token"), None)
+        if token is not None and not TOKEN.match(token):
+            raise LoraReferenceError("the token in the URL has characters an HTTP token cannot have")
         return CivitaiSource(None, segments[3], urllib.parse.urlencode(kept), url_token=token)
     raise LoraReferenceError(
         "a CivitAI reference is https://civitai.com/models/<id>[?modelVersionId=<v>] "
@@ -225,10 +230,13 @@ def _parse_bare(ref: str) -> LoraSource:
         return _parse_replicate_path(ref)  # owner/model:version, as replicate.run writes it
     if len(segments) == 1 or (len(segments) == 2 and segments[1].lower().endswith(".safetensors")):
         raise LoraReferenceError(f"no such local file; {ACCEPTED}")
+    if len(segments) == 2:
+        owner, model = _repo_id(*segments).split("/")
+        return ReplicateSource(owner, model, or_hf=True)
     if len(segments) == 3 and _VERSION.match(segments[2]):
         return _parse_replicate_path(ref)
-    if len(segments) == 2 or segments[-1].lower().endswith(".safetensors"):
-        return _parse_hf_path(ref, explicit=False)
+    if segments[-1].lower().endswith(".safetensors"):
+        return _parse_hf_path(ref)
     raise LoraReferenceError(ACCEPTED)
 
 
@@ -248,6 +256,20 @@ def _check_hf_filename(filename: str) -> None:
 def refuse_pickle_name(name: str) -> None:
     if name.lower().endswith(PICKLE_SUFFIXES):
         raise LoraReferenceError(f"{Path(name).name} is a pickle format; {ONLY_SAFETENSORS}")
+
+
+def same_reference(a: str, b: str) -> bool:
+    """Whether two references name the same LoRA: equal text, or spellings of one source.
+
+    Offline (parsing only), so `hf:o/r` and `huggingface.co/o/r` match but a Replicate model and
+    the version it points to do not. A reference that does not parse is only equal to itself.
+    """
+    if a.strip() == b.strip():
+        return True
+    try:
+        return parse_lora_reference(a) == parse_lora_reference(b)
+    except LoraReferenceError:
+        return False
 
 
 def display_reference(reference: str, limit: int = 120) -> str:

@@ -14,7 +14,7 @@ name a revision or version to pin it.
 
 Environment (read at each call, so tests and the server can change it):
   FLUX_LORA_MAX_DOWNLOAD_GB (2), FLUX_LORA_DOWNLOAD_TIMEOUT_S (60)
-  (the services' tokens and endpoints: see weights.lora_hosts)
+  (the services' endpoints: see weights.lora_hosts; their tokens: weights.lora_tokens)
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from weights.lora_reference import (
     parse_lora_reference,
     refuse_pickle_name,
 )
+from weights.lora_tokens import LoraTokens
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,10 @@ def source_key(source: LoraSource) -> str:
     if isinstance(source, DataSource):
         return "data:sha256:" + hashlib.sha256(source.url.encode("utf-8")).hexdigest()
     if isinstance(source, HfSource):
-        key = f"hf:{hf_endpoint()}:{source.repo_id}@{source.revision}:{source.filename or '*'}"
-        return key + (f"|replicate:{replicate_base()}" if source.or_replicate else "")
+        return f"hf:{hf_endpoint()}:{source.repo_id}@{source.revision}:{source.filename or '*'}"
     if isinstance(source, ReplicateSource):
-        return f"replicate:{replicate_base()}:{source.owner}/{source.model}@{source.version or 'latest'}"
+        key = f"replicate:{replicate_base()}:{source.owner}/{source.model}@{source.version or 'latest'}"
+        return key + (f"|hf:{hf_endpoint()}" if source.or_hf else "")
     if isinstance(source, CivitaiSource):
         if source.version_id is not None:
             return f"civitai:{civitai_base()}:version={source.version_id}?{source.query}"
@@ -97,6 +98,7 @@ def fetch_lora(
     *,
     limits: DownloadLimits | None = None,
     allow_local: bool = True,
+    tokens: LoraTokens | None = None,
 ) -> Path:
     """A local, verified .safetensors file for `reference` (see the module docstring).
 
@@ -106,23 +108,43 @@ def fetch_lora(
 
     `limits` defaults to download_limits_from_env(). `allow_local=False` refuses local paths, for
     callers whose references come from people who should not read the server's file system.
+    `tokens` are the request's own (weights.lora_tokens); without them the environment's are used.
     """
     if not isinstance(reference, str):
         raise UserInputError(field, reference, f"expected a string; {ACCEPTED}")
     limits = limits or download_limits_from_env()
+    tokens = tokens or LoraTokens()
     try:
         source = parse_lora_reference(reference)
         if isinstance(source, LocalSource):
             if not allow_local:
                 raise LoraReferenceError(f"local paths are not accepted here; {ACCEPTED_REMOTE}")
             return _fetch_local(source.path, cache, limits)
-        key = source_key(source)
+        key = source_key(source) + _token_scope(source, tokens)
         before = cache.misses
-        path = cache.get_or_create(key, lambda workdir: _produce(source, workdir, limits))
+        path = cache.get_or_create(key, lambda workdir: _produce(source, workdir, limits, tokens))
         log.info("%s: %s (%s)", field, path, "downloaded" if cache.misses > before else "cached")
         return path
     except (LoraReferenceError, DownloadError, ArchiveError, NotSafetensorsError) as err:
         raise UserInputError(field, _hide_tokens(reference), str(err)) from None
+
+
+def _token_scope(source: LoraSource, tokens: LoraTokens) -> str:
+    """The part of the cache key that keeps a file fetched with a request's token to that token.
+
+    A private or gated file cached for one caller must not reach a caller without the token, and
+    the cache cannot tell a private file from a public one. So a download made with a token the
+    request brought (an input, or ?token= in a CivitAI URL) is cached under a hash of that token;
+    the server's own tokens (environment) act for every caller, so what they fetch is shared.
+    The cost: a public LoRA is downloaded once per distinct request token.
+    """
+    if isinstance(source, HfSource) or (isinstance(source, ReplicateSource) and source.or_hf):
+        credential = tokens.for_hf()  # the Replicate part takes no request token
+    elif isinstance(source, CivitaiSource):
+        credential = tokens.for_civitai(source.url_token)
+    else:
+        return ""
+    return f"|token:{credential.fingerprint()}" if credential.from_request else ""
 
 
 def _hide_tokens(reference: str) -> str:
@@ -179,7 +201,7 @@ def _fetch_local(path: Path, cache: LoraCache, limits: DownloadLimits) -> Path:
     return cache.get_or_create(key, produce)
 
 
-def _produce(source: LoraSource, workdir: Path, limits: DownloadLimits) -> Path:
+def _produce(source: LoraSource, workdir: Path, limits: DownloadLimits, tokens: LoraTokens) -> Path:
     """Download `source` into `workdir` and return the verified .safetensors made from it."""
     raw = workdir / "download"
     if isinstance(source, DataSource):
@@ -188,11 +210,11 @@ def _produce(source: LoraSource, workdir: Path, limits: DownloadLimits) -> Path:
     elif isinstance(source, UrlSource):
         what = _download(source.url, raw, None, limits)
     elif isinstance(source, HfSource):
-        what = download_hf(source, raw, limits)
+        what = download_hf(source, raw, limits, tokens)
     elif isinstance(source, ReplicateSource):
-        what = download_replicate(source, raw, limits)
+        what = download_replicate(source, raw, limits, tokens)
     elif isinstance(source, CivitaiSource):
-        what = download_civitai(source, raw, limits)
+        what = download_civitai(source, raw, limits, tokens)
     else:
         raise TypeError(f"cannot download {source!r}")
     kind = sniff(raw)
