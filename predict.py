@@ -20,6 +20,7 @@ from flux.safety import SafetyChecker, screen_images
 from flux.variants import parse_variant_list
 from lora.serving import LoraManager, choose_loras
 from weights.lora_cache import default_lora_cache
+from weights.lora_tokens import LoraTokens
 
 # Which variants setup() loads; each one more costs a transformer's memory (24 GB in bf16).
 ENV_VARIANTS = "FLUX_VARIANTS"
@@ -166,7 +167,8 @@ class Runner(BaseRunner):
             go_fast=go_fast,
         )
         loras = choose_loras(lora_weights, replicate_weights, lora_scale, extra_lora, extra_lora_scale)
-        self.loras.activate(request.variant.name, loras)
+        tokens = LoraTokens(hf=_secret(hf_api_token), civitai=_secret(civitai_api_token))
+        self.loras.activate(request.variant.name, loras, tokens=tokens)
         result = generate(self.models, request)
         images = screen_images(result.images, self.safety, disable_safety_checker)
         out_dir = LocalPath(tempfile.mkdtemp(prefix="flux-out-"))
@@ -176,3 +178,7 @@ class Runner(BaseRunner):
 
 def _local(path: Path | None) -> LocalPath | None:
     return None if path is None else LocalPath(path)
+
+
+def _secret(secret: Secret | None) -> str | None:
+    return None if secret is None else secret.get_secret_value()

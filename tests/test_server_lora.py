@@ -8,10 +8,12 @@ import pytest
 import torch
 from http_fixture import FixtureServer
 from lora_fixtures import known_update, save, to_kohya, to_peft
+from test_lora_sources import hf_repo
 
 from toys.tiny import build_transformer
 
 pytestmark = pytest.mark.server
+PRIVATE_TOKEN = "hf_private_token_for_the_test_9876"
 BASE = {
     "prompt": "a red circle",
     "model": "schnell",
@@ -64,17 +66,26 @@ def files_server(lora_files):
     server.add("/sdxl.safetensors", lora_files["sdxl"].read_bytes())
     server.add("/trained.tar", tar_of("output/lora.safetensors", lora_files["a"].read_bytes()))
     server.add("/model.bin", b"\x80\x04\x95 pickle")
+    # A private Hugging Face repo holding LoRA a, readable only with PRIVATE_TOKEN.
+    hf_repo(
+        server,
+        "alice/private",
+        {"lora.safetensors": lora_files["a"].read_bytes()},
+        require_auth=f"Bearer {PRIVATE_TOKEN}",
+    )
+    server.routes["/hf/api/models/alice/private/revision/main"].require_auth = f"Bearer {PRIVATE_TOKEN}"
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def server(tiny_env, tmp_path_factory):
+def server(tiny_env, tmp_path_factory, files_server):
     from cog_local import cog_server
     from conftest import CogClient
 
     folder = tmp_path_factory.mktemp("lora-server")
-    env = {**tiny_env, "FLUX_LORA_CACHE_DIR": str(folder / "cache")}
+    env = {**tiny_env, "FLUX_LORA_CACHE_DIR": str(folder / "cache"), "HF_ENDPOINT": files_server.url("/hf")}
+    env.pop("HF_TOKEN", None)
     with cog_server("predict", env=env, log_path=folder / "server.log") as url:
         yield CogClient(url, folder / "server.log")
 
@@ -152,8 +163,8 @@ def test_a_bad_lora_fails_clearly_and_leaves_the_base_untouched(server, files_se
 @pytest.mark.parametrize(
     ("inputs", "expected"),
     [
-        ({"lora_scale": 3.5, "lora_weights": "x/y"}, "lora_scale: got 3.5; a number from -1 to 3"),
-        ({"extra_lora_scale": -2}, "extra_lora_scale: got -2"),
+        ({"lora_scale": 3.5, "lora_weights": "x/y"}, "lora_scale: 3.5 is greater than the maximum of 3"),
+        ({"extra_lora_scale": -2}, "extra_lora_scale: -2 is less than the minimum of -1"),
         ({"lora_weights": "a/b", "replicate_weights": "c/d"}, "replicate_weights: got 'c/d'"),
     ],
 )
@@ -161,3 +172,27 @@ def test_bad_lora_inputs(server, inputs, expected):
     result = server.predict(**{**BASE, **inputs})
     assert result["status"] == "failed"
     assert expected in result["error"]
+
+
+def test_hf_api_token_reads_a_private_repo_and_is_never_shown(server, files_server):
+    with_a = image(server, lora_weights=files_server.url("/a.safetensors"))
+    refused = server.predict(
+        **{**BASE, "lora_weights": "hf:alice/private", "hf_api_token": "hf_wrong_token_1"}
+    )
+    assert refused["status"] == "failed" and "hf_api_token" in refused["error"]
+    assert "hf_wrong_token_1" not in refused["error"]
+    result = server.predict(
+        **{**BASE, "lora_weights": "huggingface.co/alice/private", "hf_api_token": PRIVATE_TOKEN}
+    )
+    assert result["status"] == "succeeded", result.get("error")
+    assert result["output"][0] == with_a
+    assert PRIVATE_TOKEN not in result["logs"] and PRIVATE_TOKEN not in server.log_path.read_text()
+
+
+def test_extra_lora_equal_to_the_main_one_is_applied_once(server, files_server):
+    a = files_server.url("/a.safetensors")
+    result = server.predict(**{**BASE, "lora_weights": a, "extra_lora": a})
+    assert result["status"] == "succeeded"
+    assert result["output"][0] == image(server, lora_weights=a)
+    # extra_lora alone acts as the main LoRA, at its own scale.
+    assert image(server, extra_lora=a, extra_lora_scale=0.5) == image(server, lora_weights=a, lora_scale=0.5)
