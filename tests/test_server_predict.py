@@ -271,3 +271,8 @@ def test_a_prompt_over_the_t5_limit_is_truncated_with_a_warning(predict_server):
     result = predict_server.predict(prompt="a red circle " * 150, megapixels="0.25", **FAST)
     assert len(succeeded(result)) == 1
     assert "T5 tokens; FLUX.1 schnell reads at most 256" in result["logs"]
+
+
+def test_a_request_without_prompt_is_refused_by_the_schema(predict_server):
+    result = predict_server.predict(megapixels="0.25", **FAST)
+    assert result["status"] == "failed" and result["error"] == "prompt: Field required"
