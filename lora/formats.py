@@ -120,9 +120,19 @@ def read_lora_file(
     path: Path | str, transformer: torch.nn.Module, field: str = "lora_weights"
 ) -> CanonicalLora:
     """Read a local .safetensors LoRA into canonical form, validated against `transformer`."""
+    return read_lora_file_for_shapes(path, linear_shapes(transformer), field)
+
+
+def read_lora_file_for_shapes(
+    path: Path | str,
+    shapes: Mapping[str, tuple[int, int]],
+    field: str = "lora_weights",
+    source: str | None = None,
+) -> CanonicalLora:
+    """read_lora_file against linear_shapes(...) known without the model (e.g. built on the meta device)."""
     path = Path(path)
     tensors, metadata = _load_safetensors(path, field)
-    return convert_state_dict(tensors, metadata, linear_shapes(transformer), field=field, source=path.name)
+    return convert_state_dict(tensors, metadata, shapes, field=field, source=source or path.name)
 
 
 def _load_safetensors(path: Path, field: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -5,7 +5,6 @@ import logging
 import random
 import sys
 import tarfile
-import types
 
 import pytest
 import torch
@@ -15,12 +14,12 @@ from safetensors import safe_open
 from errors import UserInputError
 from tests.training_helpers import make_zip
 from training import buckets
-from training.config import build_training_config, parse_resolutions
+from training.config import OPTIMIZERS, build_training_config, parse_resolutions
 from training.export import draw_loss_curve
 from training.hub import model_card, push_to_hub
 from training.job import run_training
 from training.loop import lora_adapter
-from training.optimizers import build_optimizer
+from training.optimizers import build_optimizer, effective_learning_rate
 from training.previews import PreviewSettings
 from training.recipe import block_linear_names, sample_timesteps, select_lora_targets
 
@@ -39,17 +38,17 @@ SECRET = "hf_supersecrettoken123"
         ("steps", 6001),
         ("steps", 10.5),
         ("learning_rate", 0),
-        ("learning_rate", 0.5),
+        ("learning_rate", 11),
         ("learning_rate", float("nan")),
         ("batch_size", 0),
-        ("batch_size", 9),
+        ("batch_size", 33),
         ("lora_rank", 0),
         ("lora_rank", 129),
         ("caption_dropout_rate", 1.5),
         ("optimizer", "sgd"),
         ("resolution", "512,abc"),
-        ("resolution", "128"),
-        ("resolution", "2048"),
+        ("resolution", "32"),
+        ("resolution", "4096"),
         ("resolution", " , "),
         ("layers_to_optimize_regex", "(unclosed"),
         ("seed", -1),
@@ -63,6 +62,19 @@ def test_config_errors_name_the_field(field, value):
         build_training_config(**{field: value, "seed": 1} if field != "seed" else {field: value})
     assert info.value.field == field
     assert str(info.value).startswith(f"{field}: got ")
+
+
+def test_unusual_values_the_public_trainer_takes_are_accepted_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        config = build_training_config(learning_rate=0.5, batch_size=8, resolution="128,2048", seed=1)
+    assert (config.learning_rate, config.batch_size, config.resolutions) == (0.5, 8, (128, 2048))
+    for field in ("learning_rate=0.5", "batch_size=8", "128 is outside", "2048 is outside"):
+        assert field in caplog.text
+    # optimizer names match case-insensitively, as in the public trainer
+    assert build_training_config(optimizer=" AdamW8bit", seed=1).optimizer == "adamw8bit"
+    assert set(OPTIMIZERS) == {
+        "adamw8bit", "adamw", "adam8bit", "adam", "lion8bit", "lion", "adagrad", "adafactor", "prodigy"
+    }  # fmt: skip
 
 
 def test_config_defaults_and_rules():
@@ -147,29 +159,43 @@ def test_loss_curve_draws():
     assert len(image.getcolors(1 << 16)) > 2  # axes, raw and smoothed lines
 
 
-def test_optimizer_fallbacks(caplog):
-    params = [torch.nn.Parameter(torch.zeros(2))]
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_public_optimizer_steps_and_names_what_ran(name, caplog):
+    """Each optimizer from its library takes a real step on CPU; the 8-bit ones (CUDA only) fall back
+    to their 32-bit version with a warning naming both."""
+    param = torch.nn.Parameter(torch.ones(4, 4))
     with caplog.at_level(logging.WARNING):
-        optimizer, used = build_optimizer("adamw8bit", params, 1e-4, torch.device("cpu"))
-    assert used == "adamw" and isinstance(optimizer, torch.optim.AdamW)
-    assert "falling back to optimizer adamw" in caplog.text
+        optimizer, used = build_optimizer(name, [param], 1e-2, torch.device("cpu"))
+    expected = {"adamw8bit": "adamw", "adam8bit": "adam", "lion8bit": "lion"}.get(name, name)
+    assert used == expected
+    if used != name:
+        assert f"optimizer {name} unavailable" in caplog.text and f"falling back to optimizer {used}" in caplog.text
+    expected_class = {
+        "adamw": "AdamW", "adam": "Adam", "lion": "Lion", "adagrad": "Adagrad", "adafactor": "Adafactor",
+        "prodigy": "Prodigy",
+    }[used]  # fmt: skip
+    assert type(optimizer).__name__ == expected_class
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    assert (param.detach() < 1).all()  # moved against the gradient
 
 
-def test_prodigy_used_when_present_else_adamw(monkeypatch, caplog):
+def test_prodigy_learning_rate_is_a_multiplier_and_small_ones_mean_one():
     params = [torch.nn.Parameter(torch.zeros(2))]
+    assert build_optimizer("prodigy", params, 4e-4, torch.device("cpu"))[0].param_groups[0]["lr"] == 1.0
+    assert build_optimizer("prodigy", params, 0.5, torch.device("cpu"))[0].param_groups[0]["lr"] == 0.5
+    assert effective_learning_rate("adamw", 4e-4) == 4e-4
 
-    class FakeProdigy(torch.optim.SGD):
-        def __init__(self, params, lr, **kwargs):
-            super().__init__(params, lr=lr)
 
-    monkeypatch.setitem(sys.modules, "prodigyopt", types.SimpleNamespace(Prodigy=FakeProdigy))
-    optimizer, used = build_optimizer("prodigy", params, 1.0, torch.device("cpu"))
-    assert used == "prodigy" and isinstance(optimizer, FakeProdigy)
+def test_a_missing_library_falls_back_with_a_fitting_rate(monkeypatch, caplog):
+    params = [torch.nn.Parameter(torch.zeros(2))]
     monkeypatch.setitem(sys.modules, "prodigyopt", None)  # import fails
     with caplog.at_level(logging.WARNING):
         optimizer, used = build_optimizer("prodigy", params, 1.0, torch.device("cpu"))
-    assert used == "adamw" and optimizer.param_groups[0]["lr"] == 4e-4
+    assert used == "adamw" and optimizer.param_groups[0]["lr"] == 4e-4  # not Prodigy's multiplier
     assert "prodigyopt" in caplog.text
+    monkeypatch.setitem(sys.modules, "lion_pytorch", None)
+    assert build_optimizer("lion", params, 1e-4, torch.device("cpu"))[1] == "adamw"
 
 
 # ---------- training on the tiny model ----------

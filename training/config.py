@@ -1,8 +1,10 @@
 """The inputs of a LoRA training, validated in one place into a frozen TrainingConfig.
 
-Names, defaults and ranges follow the public FLUX.1 LoRA trainer (ostris/flux-dev-lora-trainer on
-Replicate), so a user switching over sends the same inputs. The Cog server does not enforce Input
-ranges without the schema `cog build` writes, so every rule is checked here.
+Names, defaults and ranges follow the public FLUX.1 LoRA trainer (replicate/flux-fine-tuner, on
+Replicate as ostris/flux-dev-lora-trainer), so a user switching over sends the same inputs and they mean
+the same. Where that trainer takes any value, unusual ones are accepted with a warning; only values
+that cannot work are refused, each with the reason. The Cog server does not enforce Input ranges
+without the schema `cog build` writes, so every rule is checked here.
 """
 
 from __future__ import annotations
@@ -14,18 +16,24 @@ import re
 from dataclasses import asdict, dataclass
 
 from errors import UserInputError
+from training.optimizers import OPTIMIZER_TABLE, PRODIGY_MIN_MULTIPLIER
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw8bit", "adamw", "prodigy")
+OPTIMIZERS = tuple(OPTIMIZER_TABLE)  # adamw8bit, adamw, adam8bit, adam, lion8bit, lion, adagrad, ...
 MIN_STEPS, MAX_STEPS = 3, 6000
 MIN_RANK, MAX_RANK = 1, 128
-MIN_BATCH, MAX_BATCH = 1, 8
-MIN_RESOLUTION, MAX_RESOLUTION = 256, 1536
+# One step's images share a size bucket and pass through the 12B transformer together: beyond 32 the
+# activations do not fit on any single GPU, even with gradient checkpointing.
+MIN_BATCH, MAX_BATCH = 1, 32
+USUAL_MAX_BATCH = 4
+# A side below 64 is less than one 64-pixel bucket step; above 2048 FLUX.1's position embedding and
+# GPU memory both run out. 256-1536 is what FLUX.1 LoRAs are usually trained at.
+MIN_RESOLUTION, MAX_RESOLUTION = 64, 2048
+USUAL_RESOLUTIONS = (256, 1536)
 RESOLUTION_STEP = 64  # bucket sides are multiples of 64: fewer, fuller buckets for batch_size > 1
-MAX_LEARNING_RATE = 1e-2  # AdamW above this diverges on FLUX.1 within a few steps
-# Prodigy estimates its own step size; its learning_rate is a multiplier on that estimate (1.0 usual).
-MAX_PRODIGY_LEARNING_RATE = 10.0
+USUAL_MAX_LEARNING_RATE = 1e-2  # AdamW-like optimizers diverge on FLUX.1 above this within a few steps
+MAX_LEARNING_RATE = 10.0  # no optimizer here (Prodigy's multiplier included) trains at a larger rate
 MAX_SEED = 2**32 - 1
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
@@ -109,16 +117,16 @@ def build_training_config(
             "trigger_word", trigger_word, "a short text on one line (at most 200 characters)"
         )
     _int_in_range("steps", steps, MIN_STEPS, MAX_STEPS)
-    if optimizer not in OPTIMIZERS:
-        raise UserInputError("optimizer", optimizer, f"allowed: {', '.join(OPTIMIZERS)}")
-    max_lr = MAX_PRODIGY_LEARNING_RATE if optimizer == "prodigy" else MAX_LEARNING_RATE
-    if not _is_number(learning_rate) or not 0 < learning_rate <= max_lr:
-        raise UserInputError(
-            "learning_rate",
-            learning_rate,
-            f"a number above 0 and at most {max_lr:g} for optimizer={optimizer}",
-        )
+    optimizer = _optimizer(optimizer)
+    _learning_rate(learning_rate, optimizer)
     _int_in_range("batch_size", batch_size, MIN_BATCH, MAX_BATCH)
+    if batch_size > USUAL_MAX_BATCH:
+        log.warning(
+            "batch_size=%d: more than %d images per step needs much GPU memory (gradient checkpointing "
+            "will be on) and fewer steps for the same training",
+            batch_size,
+            USUAL_MAX_BATCH,
+        )
     resolutions = parse_resolutions(resolution)
     _int_in_range("lora_rank", lora_rank, MIN_RANK, MAX_RANK)
     if not _is_number(caption_dropout_rate) or not 0 <= caption_dropout_rate <= 1:
@@ -155,12 +163,6 @@ def build_training_config(
             )
     elif has_hf_token:
         log.warning("hf_token given without hf_repo_id: nothing will be pushed to the Hugging Face Hub")
-    if optimizer == "prodigy" and learning_rate < 0.1:
-        log.warning(
-            "optimizer=prodigy with learning_rate=%g: prodigy finds its own step size and multiplies it "
-            "by learning_rate, so 1.0 is the usual value; small values train very slowly",
-            learning_rate,
-        )
     _bool("autocaption", autocaption)
     return TrainingConfig(
         trigger_word=trigger_word.strip(),
@@ -203,10 +205,49 @@ def parse_resolutions(text: object, field: str = "resolution") -> tuple[int, ...
         rounded = min(rounded, MAX_RESOLUTION)
         if rounded != value:
             log.info("%s: %d rounded to %d (a multiple of %d)", field, value, rounded, RESOLUTION_STEP)
+        if not USUAL_RESOLUTIONS[0] <= rounded <= USUAL_RESOLUTIONS[1]:
+            log.warning(
+                "%s: %d is outside the usual %d-%d for FLUX.1 LoRAs; images are trained at it anyway",
+                field,
+                rounded,
+                *USUAL_RESOLUTIONS,
+            )
         values.append(rounded)
     if not values:
         raise UserInputError(field, text, allowed)
     return tuple(sorted(set(values)))
+
+
+def _optimizer(value: object) -> str:
+    """The public trainer matches optimizer names case-insensitively ('AdamW8bit' works there)."""
+    name = value.strip().lower() if isinstance(value, str) else value
+    if name not in OPTIMIZERS:
+        raise UserInputError("optimizer", value, f"allowed: {', '.join(OPTIMIZERS)}")
+    return name
+
+
+def _learning_rate(value: object, optimizer: str) -> None:
+    if not _is_number(value) or not 0 < value <= MAX_LEARNING_RATE:
+        raise UserInputError(
+            "learning_rate",
+            value,
+            f"a number above 0 and at most {MAX_LEARNING_RATE:g} (larger rates make any optimizer diverge)",
+        )
+    if optimizer == "prodigy":
+        if value < PRODIGY_MIN_MULTIPLIER:
+            log.info(
+                "optimizer=prodigy: learning_rate %g is below %g, so Prodigy runs at its own step size "
+                "(multiplier 1.0), as in the public trainer",
+                value,
+                PRODIGY_MIN_MULTIPLIER,
+            )
+    elif value > USUAL_MAX_LEARNING_RATE:
+        log.warning(
+            "learning_rate=%g is far above the usual 1e-4 to 1e-3 for optimizer=%s: the training may "
+            "diverge (it stops with an error if the loss does)",
+            value,
+            optimizer,
+        )
 
 
 def _is_number(value: object) -> bool:

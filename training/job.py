@@ -25,11 +25,12 @@ from training.buckets import assign_buckets
 from training.cache import build_cache, move_encoders
 from training.config import TrainingConfig
 from training.dataset import load_training_zip
-from training.export import TAR_NAME, lora_metadata, write_tar, write_training_folder
+from training.export import TAR_NAME, lora_metadata, save_lora_file, write_tar, write_training_folder
 from training.hub import model_card, push_to_hub
-from training.loop import lora_adapter, train_lora
-from training.previews import PreviewSettings, render_previews
+from training.loop import EMA_DECAY, StepCallback, StepReport, lora_adapter, lora_state_dict, train_lora
+from training.previews import PreviewSettings, generate_samples, render_previews
 from training.recipe import select_lora_targets
+from training.tracking import WandbSettings, WandbTracker
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 # 2 x R^2 pixels still fit every bucket up to R without upscaling.
 KEEP_PIXELS_FACTOR = 2
 DEFAULT_PREVIEWS = PreviewSettings()
+DEFAULT_WANDB = WandbSettings()
 
 
 def run_training(
@@ -48,16 +50,20 @@ def run_training(
     models: FluxModels | None = None,
     previews: PreviewSettings = DEFAULT_PREVIEWS,
     log_every: int | None = None,
+    wandb_api_key: str | None = None,
+    wandb: WandbSettings = DEFAULT_WANDB,
 ) -> Path:
     """Train a LoRA on FLUX.1 dev from the user's zip; return the weights tar in output_dir.
 
     models: already loaded models to reuse (tests, notebooks); None loads dev and frees it after.
+    wandb_api_key: log the run to Weights & Biases with the `wandb` settings (samples use `previews`').
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     own_models = models is None
     work = Path(tempfile.mkdtemp(prefix="lora-train-"))
     encoders_moved = False
+    tracker = None
     try:
         if models is None:
             models = load_flux(("dev",), fast=False)  # training never uses the fp8/compiled path
@@ -98,6 +104,8 @@ def run_training(
         encoders_moved = True
 
         staging = work / "trained_model"
+        if wandb_api_key:
+            tracker = WandbTracker(wandb_api_key, wandb, config.to_json(), work)
         with lora_adapter(transformer, config.lora_rank, targets, config.seed):
             result = train_lora(
                 transformer,
@@ -106,7 +114,10 @@ def run_training(
                 config,
                 models.scheduler_configs[variant.name],
                 log_every=log_every,
+                on_step=_tracking_steps(tracker, models, transformer, config, previews) if tracker else None,
             )
+            if tracker is not None:
+                tracker.finish()  # before the work folder (the run's files) goes
             move_encoders(models, models.device)
             encoders_moved = False
             preview_files = render_previews(models, config.trigger_word, staging / "previews", previews)
@@ -115,6 +126,7 @@ def run_training(
             **config.to_json(),
             "training": {
                 "optimizer_used": result.optimizer,
+                "ema_decay": EMA_DECAY,
                 "gradient_checkpointing_used": result.gradient_checkpointing,
                 "lora_layers": len(result.target_modules),
                 "samples": len(samples),
@@ -146,6 +158,8 @@ def run_training(
         traceback.clear_frames(error.__traceback__)
         raise
     finally:
+        if tracker is not None:
+            tracker.finish()
         if encoders_moved and models is not None:
             move_encoders(models, models.device)
         shutil.rmtree(work, ignore_errors=True)
@@ -154,3 +168,40 @@ def run_training(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _tracking_steps(
+    tracker: WandbTracker, models: FluxModels, transformer: torch.nn.Module, config: TrainingConfig, previews
+) -> StepCallback:
+    """What W&B gets after each step: loss and rate; at the intervals, samples and the LoRA, both from
+    the EMA weights (what the training will save). A failed sample is logged, never the training's end."""
+    targets = None
+
+    def on_step(report: StepReport) -> None:
+        nonlocal targets
+        tracker.log_step(report.step, report.loss, report.learning_rate)
+        if tracker.wants_samples(report.step, report.steps):
+            try:
+                with report.averaged_weights():
+                    move_encoders(models, models.device)
+                    try:
+                        images = list(
+                            generate_samples(models, list(tracker.settings.sample_prompts), previews)
+                        )
+                    finally:
+                        move_encoders(models, "cpu")
+                tracker.log_samples(report.step, images)
+            except Exception:
+                log.exception("W&B samples at step %d failed; the training goes on", report.step)
+        if tracker.wants_weights(report.step, report.steps):
+            with report.averaged_weights():
+                state = lora_state_dict(transformer)
+            targets = targets or sorted(
+                {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in state}
+            )
+            path = save_lora_file(
+                state, tracker.weights_file(report.step), lora_metadata(config, targets, report.step)
+            )
+            tracker.save_weights(path)
+
+    return on_step

@@ -2,7 +2,10 @@
 
 Reads top to bottom: add the adapter (fp32 LoRA parameters on the frozen base), choose memory
 savers, then per step: draw a batch from one bucket, noise it at sigmoid-normal timesteps, predict the
-velocity, MSE, clip gradients at 1.0, step. Constant learning rate (what the public trainers ship).
+velocity, MSE, clip gradients at 1.0, step, update the exponential moving average (EMA) of the LoRA.
+Constant learning rate (what the public trainers ship). The saved LoRA is the EMA (decay 0.99, as the
+public trainer keeps): it averages out the last ~100 steps' noise. diffusers' EMAModel warms the decay
+up as (1 + n) / (10 + n), so a short training is not dragged back to its untrained start.
 Everything random comes from generators seeded with config.seed, so the same inputs give the same
 LoRA bytes on the same device.
 """
@@ -14,7 +17,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +39,22 @@ LOSS_SMOOTHING = 0.9  # exponential moving average of the logged loss
 AUTO_CHECKPOINT_GIB_PER_MEGAPIXEL = 40.0
 # (batch, image tokens, scheduler config, generator) -> t in (0, 1) per sample, like sample_timesteps.
 TimestepSampler = Callable[[int, int, dict, torch.Generator], torch.Tensor]
+EMA_DECAY = 0.99
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What an on_step callback (experiment tracking) sees after each optimizer step."""
+
+    step: int
+    steps: int  # the last step
+    loss: float
+    learning_rate: float
+    # Inside `with report.averaged_weights():` the parameters hold the EMA (what will be saved).
+    averaged_weights: Callable[[], AbstractContextManager]
+
+
+StepCallback = Callable[[StepReport], None]
 
 
 @dataclass
@@ -84,8 +103,10 @@ def train_lora(
     scheduler_config: dict,
     *,
     log_every: int | None = None,
+    on_step: StepCallback | None = None,
 ) -> TrainingResult:
-    """Run config.steps optimizer steps on a transformer that already carries the adapter."""
+    """Run config.steps optimizer steps on a transformer that already carries the adapter; the
+    adapter then holds the EMA of its weights, which is also what lora_state is."""
     params = lora_parameters(transformer)
     if not params:
         raise RuntimeError("the transformer carries no LoRA parameters; use lora_adapter() first")
@@ -98,6 +119,8 @@ def train_lora(
         scheduler_config,
         log_every=log_every,
         what=f"{len(params)} LoRA tensors (rank {config.lora_rank})",
+        ema_decay=EMA_DECAY,
+        on_step=on_step,
     )
     return TrainingResult(
         lora_state=lora_state_dict(transformer),
@@ -131,17 +154,21 @@ def train_parameters(
     lr_schedule: Callable[[int], float] | None = None,
     timesteps: TimestepSampler = sample_timesteps,
     what: str = "transformer parameters",
+    ema_decay: float | None = None,
+    on_step: StepCallback | None = None,
 ) -> LoopResult:
     """The flow-matching loop itself, for whichever parameters are given: a LoRA's (train_lora) or
     every transformer weight (flux-mini's full-parameter training). lr_schedule(step) multiplies
     config.learning_rate; None keeps it constant, as LoRA training does. timesteps draws each
     batch's noise levels: the recipe's by default; a model trained from scratch needs more draws at
-    the highest noise, where only the text says what to draw (toys.mini.transformer_training)."""
+    the highest noise, where only the text says what to draw (toys.mini.transformer_training).
+    ema_decay: keep an EMA of params and leave it in them at the end (None: the last step's weights)."""
     device = next(transformer.parameters()).device
     checkpointing = _use_checkpointing(config, device, samples)
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     optimizer, optimizer_used = build_optimizer(config.optimizer, params, config.learning_rate, device)
+    ema = _ExponentialAverage(params, ema_decay) if ema_decay is not None else None
     guidance = TRAINING_GUIDANCE if transformer.config.guidance_embeds else None
     generator = torch.Generator("cpu").manual_seed(config.seed)  # CPU draws: same noise on every device
     batches = _batches(samples, config.batch_size, random.Random(config.seed))
@@ -181,6 +208,8 @@ def train_parameters(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
+            if ema is not None:
+                ema.update()
 
             losses.append(loss.item())
             smoothed = LOSS_SMOOTHING * smoothed + (1 - LOSS_SMOOTHING) * losses[-1]
@@ -197,6 +226,17 @@ def train_parameters(
                     per_step,
                     _duration(per_step * (config.steps - step)),
                 )
+            if on_step is not None:
+                report = StepReport(
+                    step=step,
+                    steps=config.steps,
+                    loss=losses[-1],
+                    learning_rate=optimizer.param_groups[0]["lr"],
+                    averaged_weights=ema.swapped_in if ema is not None else nullcontext,
+                )
+                on_step(report)
+        if ema is not None:
+            ema.copy_into_params()
     finally:
         transformer.eval()
         if checkpointing:
@@ -209,6 +249,34 @@ def train_parameters(
     return LoopResult(
         losses=losses, optimizer=optimizer_used, gradient_checkpointing=checkpointing, seconds=seconds
     )
+
+
+class _ExponentialAverage:
+    """diffusers' EMAModel over a parameter list, with the two ways the loop hands its weights out."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        from diffusers.training_utils import EMAModel
+
+        self.params = params
+        self.ema = EMAModel(params, decay=decay, foreach=True)
+
+    def update(self) -> None:
+        self.ema.step(self.params)
+
+    def copy_into_params(self) -> None:
+        self.ema.copy_to(self.params)
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        # A copy on the parameters' own device (EMAModel.store would go through the CPU each time).
+        trained = [p.detach().clone() for p in self.params]
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(self.params, trained, strict=True):
+                    param.copy_(value)
 
 
 def _batches(samples: list[Sample], batch_size: int, rng: random.Random) -> Iterator[list[int]]:

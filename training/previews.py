@@ -61,20 +61,9 @@ def render_previews(
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, str]] = []
     try:
-        for index, prompt in enumerate(preview_prompts(trigger_word, settings.count)):
-            request = build_request(
-                prompt=prompt,
-                model="dev",
-                aspect_ratio="1:1" if settings.width is None else "custom",
-                megapixels=settings.megapixels,
-                width=settings.width,
-                height=settings.height,
-                num_inference_steps=settings.steps,
-                guidance=settings.guidance,
-                seed=index,
-                output_format=settings.output_format,
-            )
-            image = generate(models, request).images[0]
+        for index, (prompt, image) in enumerate(
+            generate_samples(models, preview_prompts(trigger_word, settings.count), settings)
+        ):
             path = out_dir / f"preview-{index}.{settings.output_format}"
             image.save(path, quality=90)
             written.append((path, prompt))
@@ -82,3 +71,22 @@ def render_previews(
     except Exception:
         log.exception("preview generation failed; the trained LoRA is kept without (all) previews")
     return written
+
+
+def generate_samples(models: FluxModels, prompts: list[str], settings: PreviewSettings):
+    """Yield (prompt, image) for each prompt with the preview settings, seeds 0, 1, ...; the transformer
+    generates with whatever adapter it carries (the trained LoRA, during or after training)."""
+    for index, prompt in enumerate(prompts):
+        request = build_request(
+            prompt=prompt,
+            model="dev",
+            aspect_ratio="1:1" if settings.width is None else "custom",
+            megapixels=settings.megapixels,
+            width=settings.width,
+            height=settings.height,
+            num_inference_steps=settings.steps,
+            guidance=settings.guidance,
+            seed=index,
+            output_format=settings.output_format,
+        )
+        yield prompt, generate(models, request).images[0]
