@@ -116,8 +116,8 @@ def trained_layout(lora: CanonicalLora) -> tuple[dict[str, torch.Tensor], dict]:
     state = {}
     for module, update in sorted(lora.items()):
         up = update.up.float() * (update.alpha / update.rank)
-        state[f"transformer.{module}.lora_A.weight"] = update.down.contiguous()
-        state[f"transformer.{module}.lora_B.weight"] = up.to(update.up.dtype).contiguous()
+        state[f"transformer.{module}.lora_A.weight"] = update.down.clone()  # split layers share one down
+        state[f"transformer.{module}.lora_B.weight"] = up.to(update.up.dtype).clone()
     ranks = {module: update.rank for module, update in lora.items()}
     rank = Counter(ranks.values()).most_common(1)[0][0]
     others = {module: r for module, r in sorted(ranks.items()) if r != rank}
