@@ -17,6 +17,10 @@ from flux.request import DEFAULT_GUIDANCE, MAX_GUIDANCE, MAX_OUTPUTS, OUTPUT_FOR
 from flux.sizes import ASPECT_RATIOS, CUSTOM, MAX_SIDE, MEGAPIXELS, MIN_SIDE
 from flux.variants import MAX_STEPS, MIN_STEPS, VARIANTS
 from lora.serving import SCALE_RANGE
+from training.config import DEFAULTS, MAX_BATCH, MAX_RANK, MIN_BATCH, MIN_RANK, OPTIMIZERS
+from training.config import MAX_STEPS as MAX_STEPS_TRAIN
+from training.config import MIN_STEPS as MIN_STEPS_TRAIN
+from training.tracking import DEFAULT_INTERVAL, DEFAULT_PROJECT
 
 REQUIRED = {"predict": {"prompt"}, "train": set()}  # train: input_images or a pretrained LoRA URL
 PRIMITIVE_NAMES = {
@@ -75,6 +79,20 @@ def test_predict_literals_are_the_library_constants():
         assert f"empty: {DEFAULT_GUIDANCE:g}" in inputs[name].description
     for name in ("lora_scale", "extra_lora_scale"):
         assert (inputs[name].ge, inputs[name].le) == SCALE_RANGE
+
+
+def test_train_literals_are_the_library_constants():
+    inputs = python_inputs("train")
+    assert (inputs["steps"].ge, inputs["steps"].le) == (MIN_STEPS_TRAIN, MAX_STEPS_TRAIN)
+    assert (inputs["lora_rank"].ge, inputs["lora_rank"].le) == (MIN_RANK, MAX_RANK)
+    assert (inputs["batch_size"].ge, inputs["batch_size"].le) == (MIN_BATCH, MAX_BATCH)
+    for name, value in DEFAULTS.items():
+        assert inputs[name].default == value, name
+    for name in OPTIMIZERS:
+        assert name in inputs["optimizer"].description
+    assert inputs["wandb_project"].default == DEFAULT_PROJECT
+    for name in ("wandb_sample_interval", "wandb_save_interval"):
+        assert inputs[name].default == DEFAULT_INTERVAL
 
 
 def test_the_bundled_schema_has_both_adapters():
