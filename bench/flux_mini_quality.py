@@ -8,8 +8,7 @@ prompt_strength; inpainting (change inside the mask, difference outside); and "t
 a LoRA trained on hearts captioned TOK through training.job.run_training, then the share of
 "a TOK on a white background" images scored as hearts, and known-shape accuracy with the LoRA
 relative to without. All at 256x256, dev, its default 28 steps, seeds fixed; img2img and inpainting
-call the diffusers pipelines on the loaded components directly (quality.edit), because the request
-path sizes their outputs by megapixels (at least 512 px), a size flux-mini never trained at.
+call the diffusers pipelines on the loaded components directly (quality.edit), at exactly 256x256.
 """
 
 from __future__ import annotations

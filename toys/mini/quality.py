@@ -121,8 +121,8 @@ def edit(
 ) -> Image.Image:
     """img2img (or inpainting with `mask`) at 256x256 with dev, on the components generate() uses.
 
-    Not through build_request: the request path sizes img2img outputs by megapixels (0.25 -> 512 px
-    for a square input), and flux-mini only knows 256 px."""
+    Calls the diffusers pipelines on generate()'s components directly, to set the scheduler and size
+    exactly; the request path now keeps a source's size too (flux.sizes.size_for_image)."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxInpaintPipeline
 
