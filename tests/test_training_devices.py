@@ -1,0 +1,112 @@
+"""The training step with the transformer on another device than the CPU, which draws the noise.
+
+No GPU here, so the `meta` device stands in for CUDA: like CUDA it refuses to mix its tensors with
+non-0-dim CPU tensors and runs autograd, but holds no values. These tests run the real loop
+(training.loop.train_parameters: timesteps, guidance, ids, loss, backward, clipping, optimizer step)
+with the model and its trainable parameters on meta, gradient checkpointing off and on; a tensor left
+on the CPU anywhere in the step fails them.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from toys.mini.transformer_training import high_noise_timesteps, trainable_parameters, warmup_cosine
+from toys.tiny import SCHEDULERS, TEXT_DIM, build_transformer
+from training.buckets import Sample
+from training.cache import TensorStore, TrainingCache
+from training.config import build_training_config
+from training.loop import lora_adapter, lora_parameters, loss_value, train_parameters
+from training.recipe import block_linear_names
+
+META = torch.device("meta")
+SEQ = 7  # T5 tokens of the cached prompts
+
+
+def synthetic_cache(samples: list[Sample]) -> TrainingCache:
+    """A cache as build_cache leaves it (CPU tensors), without running the VAE and text encoders."""
+    g = torch.Generator().manual_seed(0)
+    latents, texts = TensorStore(None), TensorStore(None)
+    for number, s in enumerate(samples):
+        latents.put(str(number), {"latents": torch.randn(16, s.height // 8, s.width // 8, generator=g)})
+    for number in range(2):  # caption 0 and the empty caption 1
+        texts.put(
+            str(number),
+            {"prompt": torch.randn(SEQ, TEXT_DIM, generator=g), "pooled": torch.randn(TEXT_DIM, generator=g)},
+        )
+    return TrainingCache(latents=latents, texts=texts, caption_of_sample=[0] * len(samples), empty_caption=1)
+
+
+SAMPLES = [Sample(0, 64, 64, 64), Sample(1, 64, 64, 64), Sample(2, 96, 64, 64)]
+
+
+def meta_transformer() -> torch.nn.Module:
+    return build_transformer(guidance_embeds=True, seed=0).requires_grad_(False).to(META)
+
+
+def count_optimizer_steps():
+    """Counts every optimizer.step() that ran to its end (a global hook; remove it after)."""
+    steps = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: steps.append(1))
+    return steps, handle
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_training_step_runs_with_the_model_on_another_device(checkpointing):
+    transformer = meta_transformer()
+    config = build_training_config(
+        steps=3,
+        lora_rank=2,
+        seed=1,
+        batch_size=2,
+        optimizer="adamw",
+        caption_dropout_rate=0.5,  # the dropout mask is drawn on the CPU too
+        gradient_checkpointing=checkpointing,
+    )
+    steps, handle = count_optimizer_steps()
+    try:
+        with lora_adapter(transformer, 2, block_linear_names(transformer), seed=1):
+            params = lora_parameters(transformer)
+            assert params and all(p.is_meta and p.dtype == torch.float32 for p in params)
+            result = train_parameters(
+                transformer, params, synthetic_cache(SAMPLES), SAMPLES, config, SCHEDULERS["dev"]
+            )
+            assert all(p.is_meta for p in params)
+    finally:
+        handle.remove()
+    assert len(steps) == 3 and len(result.losses) == 3
+    assert result.gradient_checkpointing is checkpointing
+    assert not transformer.is_gradient_checkpointing  # switched off again after the loop
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_full_parameter_training_runs_with_the_model_on_another_device(checkpointing):
+    """flux-mini's path: every weight trained, its own timestep sampler and learning-rate schedule."""
+    transformer = meta_transformer()
+    config = build_training_config(steps=3, seed=2, optimizer="adamw", gradient_checkpointing=checkpointing)
+    steps, handle = count_optimizer_steps()
+    try:
+        result = train_parameters(
+            transformer,
+            trainable_parameters(transformer),
+            synthetic_cache(SAMPLES),
+            SAMPLES,
+            config,
+            SCHEDULERS["dev"],
+            lr_schedule=warmup_cosine(1, 3),
+            timesteps=high_noise_timesteps(0.5, 0.8),
+        )
+    finally:
+        handle.remove()
+    assert len(steps) == 3 and len(result.losses) == 3
+
+
+def test_loss_value_is_read_where_the_device_holds_values():
+    assert loss_value(torch.tensor(0.25), 1) == 0.25
+    assert math.isnan(loss_value(torch.tensor(0.25, device=META), 1))  # no value to read on meta
+    with pytest.raises(RuntimeError, match="the loss became nan at step 4; lower learning_rate"):
+        loss_value(torch.tensor(float("nan")), 4)
+    with pytest.raises(RuntimeError, match="the loss became inf"):
+        loss_value(torch.tensor(float("inf")), 4)
