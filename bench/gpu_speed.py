@@ -39,6 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from flux.attention import configure_attention_backends  # noqa: E402
+
 BASELINE_CANDIDATES = (
     ROOT.parent / "shared" / "bench" / "diffusers_baseline.py",
     ROOT / "shared" / "bench" / "diffusers_baseline.py",
@@ -351,14 +353,14 @@ def quality_and_step(bench: Bench, models) -> None:
             )
     if bench.device.type == "cuda":
         # The attention backend, eager bf16 (a compiled graph may keep the backend it was traced with):
-        # the baseline turns cuDNN attention off globally for training backward; is it faster on?
+        # production turns cuDNN attention off globally (flux/attention.py); is it faster on?
         for on in (True, False):
             torch.backends.cuda.enable_cudnn_sdp(on)
             bench.timed(lambda: transformer(**inputs), 1)
             bench.results[f"step_eager_cudnn_sdp_{int(on)}_s"] = statistics.median(
                 bench.timed(lambda: transformer(**inputs), repeat)
             )
-        torch.backends.cuda.enable_cudnn_sdp(bench.args.cudnn_sdp == "on")
+        configure_attention_backends()  # back to what production runs
     bench.log("transformer step", {k: v for k, v in bench.results.items() if k.startswith("step_")})
 
 
@@ -507,14 +509,11 @@ def main() -> None:
     parser.add_argument(
         "--no-dynamic-warmup", action="store_true", help="warm up one shape only (faster setup)"
     )
-    parser.add_argument(
-        "--cudnn-sdp", default="off", choices=("on", "off"), help="off matches the baseline's global setting"
-    )
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     bench = Bench(args)
-    if torch.cuda.is_available():
-        torch.backends.cuda.enable_cudnn_sdp(args.cudnn_sdp == "on")
+    # The attention kernels serving and training choose (cuDNN attention off), so the times are theirs.
+    configure_attention_backends()
 
     if not args.no_baseline:
         run_baseline(bench)

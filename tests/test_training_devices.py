@@ -13,37 +13,14 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from tests.training_helpers import SAMPLES, meta_transformer, synthetic_cache
 from toys.mini.transformer_training import high_noise_timesteps, trainable_parameters, warmup_cosine
-from toys.tiny import SCHEDULERS, TEXT_DIM, build_transformer
-from training.buckets import Sample
-from training.cache import TensorStore, TrainingCache
+from toys.tiny import SCHEDULERS
 from training.config import build_training_config
 from training.loop import lora_adapter, lora_parameters, loss_value, train_parameters
 from training.recipe import block_linear_names
 
 META = torch.device("meta")
-SEQ = 7  # T5 tokens of the cached prompts
-
-
-def synthetic_cache(samples: list[Sample]) -> TrainingCache:
-    """A cache as build_cache leaves it (CPU tensors), without running the VAE and text encoders."""
-    g = torch.Generator().manual_seed(0)
-    latents, texts = TensorStore(None), TensorStore(None)
-    for number, s in enumerate(samples):
-        latents.put(str(number), {"latents": torch.randn(16, s.height // 8, s.width // 8, generator=g)})
-    for number in range(2):  # caption 0 and the empty caption 1
-        texts.put(
-            str(number),
-            {"prompt": torch.randn(SEQ, TEXT_DIM, generator=g), "pooled": torch.randn(TEXT_DIM, generator=g)},
-        )
-    return TrainingCache(latents=latents, texts=texts, caption_of_sample=[0] * len(samples), empty_caption=1)
-
-
-SAMPLES = [Sample(0, 64, 64, 64), Sample(1, 64, 64, 64), Sample(2, 96, 64, 64)]
-
-
-def meta_transformer() -> torch.nn.Module:
-    return build_transformer(guidance_embeds=True, seed=0).requires_grad_(False).to(META)
 
 
 def count_optimizer_steps():

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flux.attention import configure_attention_backends
 from training.buckets import Sample, epoch_batches
 from training.cache import TrainingCache
 from training.config import TrainingConfig
@@ -137,6 +138,7 @@ def train_parameters(
     config.learning_rate; None keeps it constant, as LoRA training does. timesteps draws each
     batch's noise levels: the recipe's by default; a model trained from scratch needs more draws at
     the highest noise, where only the text says what to draw (toys.mini.transformer_training)."""
+    configure_attention_backends()  # before the first backward: cuDNN attention faults there
     device = next(transformer.parameters()).device
     checkpointing = _use_checkpointing(config, device, samples)
     if checkpointing:
