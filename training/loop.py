@@ -23,7 +23,9 @@ from flux.attention import configure_attention_backends
 from training.buckets import Sample, epoch_batches
 from training.cache import TrainingCache
 from training.config import TrainingConfig
+from training.memory import activation_scale, needs_checkpointing, step_memory_gib
 from training.optimizers import build_optimizer
+from training.precision import forward_precision, keep_lora_inputs_in_base_dtype
 from training.recipe import TRAINING_GUIDANCE, flow_matching_loss, lora_config, sample_timesteps
 
 log = logging.getLogger(__name__)
@@ -31,10 +33,6 @@ log = logging.getLogger(__name__)
 ADAPTER_NAME = "trained"
 MAX_GRAD_NORM = 1.0
 LOSS_SMOOTHING = 0.9  # exponential moving average of the logged loss
-# Gradient checkpointing is switched on by itself when the accelerator has less free memory than this
-# per megapixel-sample of the largest batch (a rough bound for FLUX.1 dev in bf16 with its activations
-# kept; bench/RESULTS.md has measurements).
-AUTO_CHECKPOINT_GIB_PER_MEGAPIXEL = 40.0
 # (batch, image tokens, scheduler config, generator) -> t in (0, 1) per sample, like sample_timesteps.
 TimestepSampler = Callable[[int, int, dict, torch.Generator], torch.Tensor]
 
@@ -140,7 +138,7 @@ def train_parameters(
     the highest noise, where only the text says what to draw (toys.mini.transformer_training)."""
     configure_attention_backends()  # before the first backward: cuDNN attention faults there
     device = next(transformer.parameters()).device
-    checkpointing = _use_checkpointing(config, device, samples)
+    checkpointing = _use_checkpointing(config, device, samples, transformer)
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     optimizer, optimizer_used = build_optimizer(config.optimizer, params, config.learning_rate, device)
@@ -162,6 +160,7 @@ def train_parameters(
     smoothed = 0.0
     started = last_log = time.perf_counter()
     transformer.train()
+    restore_lora_input_cast = keep_lora_inputs_in_base_dtype(transformer)  # see training/precision.py
     try:
         for step in range(1, config.steps + 1):
             if lr_schedule is not None:
@@ -174,9 +173,10 @@ def train_parameters(
             noise = torch.randn(latents.shape, generator=generator)
             seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
             t = timesteps(len(batch), seq_len, scheduler_config, generator)
-            loss = flow_matching_loss(
-                transformer, latents.to(device), noise.to(device), t, prompts, pooled, guidance
-            )
+            with forward_precision(transformer):  # bf16 math on a bf16 base; see training/precision.py
+                loss = flow_matching_loss(
+                    transformer, latents.to(device), noise.to(device), t, prompts, pooled, guidance
+                )
             value = loss_value(loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -199,6 +199,7 @@ def train_parameters(
                     _duration(per_step * (config.steps - step)),
                 )
     finally:
+        restore_lora_input_cast()
         transformer.eval()
         if checkpointing:
             transformer.disable_gradient_checkpointing()
@@ -246,24 +247,31 @@ def _load_batch(
     return torch.stack(latents), torch.stack(prompts), torch.stack(pooled)
 
 
-def _use_checkpointing(config: TrainingConfig, device: torch.device, samples: list[Sample]) -> bool:
+def _use_checkpointing(
+    config: TrainingConfig, device: torch.device, samples: list[Sample], transformer: torch.nn.Module
+) -> bool:
     if config.gradient_checkpointing:
         log.info("gradient checkpointing on (requested)")
         return True
     if device.type != "cuda":
         return False
-    free_gib = torch.cuda.mem_get_info(device)[0] / 2**30
-    megapixels = max(s.width * s.height for s in samples) / 1e6 * config.batch_size
-    needed_gib = AUTO_CHECKPOINT_GIB_PER_MEGAPIXEL * megapixels
-    if free_gib < needed_gib:
+    # Free to this process: what the driver has free plus what torch's allocator holds unused.
+    free_bytes = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+    free_gib = (free_bytes - torch.cuda.memory_allocated(device)) / 2**30
+    megapixels = max(s.width * s.height for s in samples) / 1e6
+    scale = activation_scale(transformer.config)
+    needed_gib = step_memory_gib(megapixels, config.batch_size, scale)
+    if needs_checkpointing(free_gib, megapixels, config.batch_size, scale):
         log.warning(
             "gradient checkpointing switched on: %.1f GiB free on the GPU, about %.0f GiB needed without it "
-            "(largest bucket x batch_size = %.2f megapixels)",
+            "(largest bucket %.2f megapixels, batch_size %d)",
             free_gib,
             needed_gib,
             megapixels,
+            config.batch_size,
         )
         return True
+    log.info("gradient checkpointing off: %.1f GiB free, about %.0f GiB needed", free_gib, needed_gib)
     return False
 
 
