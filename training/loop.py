@@ -24,6 +24,7 @@ from training.buckets import Sample, epoch_batches
 from training.cache import TrainingCache
 from training.config import TrainingConfig
 from training.memory import activation_scale, needs_checkpointing, step_memory_gib
+from training.optimizer_trial import checked_optimizer
 from training.optimizers import build_optimizer
 from training.precision import forward_precision, keep_lora_inputs_in_base_dtype
 from training.recipe import TRAINING_GUIDANCE, flow_matching_loss, lora_config, sample_timesteps
@@ -142,6 +143,10 @@ def train_parameters(
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     optimizer, optimizer_used = build_optimizer(config.optimizer, params, config.learning_rate, device)
+    # One step on the device first, so an optimizer that cannot run here costs a warning, not the run.
+    optimizer, optimizer_used = checked_optimizer(
+        optimizer, optimizer_used, params, config.learning_rate, device
+    )
     guidance = TRAINING_GUIDANCE if transformer.config.guidance_embeds else None
     generator = torch.Generator("cpu").manual_seed(config.seed)  # CPU draws: same noise on every device
     batches = _batches(samples, config.batch_size, random.Random(config.seed))
