@@ -11,20 +11,16 @@ relative error per step). It first runs ../shared/bench/diffusers_baseline.py in
 GPU, before the project's models take memory), then prints a table of ratios and writes
 DIR/gpu_speed.json (DIR/baseline.json from the baseline).
 
---tiny runs everything on the CPU at toy size in about a minute (a smoke test of the script); there the
+--tiny runs everything on the CPU at toy size in about 30 s (a smoke test of the script); there the
 fast path is the float32 emulation of the fp8 math (CPUs have no fp8 tensor cores).
 
-On the lent H200 (no diffusers there, no network, ../shared does not travel), prepare two ignored folders
-and carry them:
-    .venv/bin/pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl
-    mkdir -p .gpu && cp ../shared/bench/diffusers_baseline.py .gpu/
-then, on the device: pip install --no-index --no-deps --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site
-python3 bench/gpu_speed.py --out $OUT --budget 480 --baseline .gpu/diffusers_baseline.py
+On the lent H200 (no diffusers or bitsandbytes there, no network, ../shared does not travel):
+`bash bench/prepare_gpu_run.sh` here fills the ignored folders .whl/ and .gpu/ and prints the device
+command (carry both; pip install the wheels into /tmp/site, then this script with --out $OUT).
 
 Training (bench/gpu_train.py, last): the project's loop (train_lora, default optimizer adamw8bit) at
 512x512 and 1024x1024, gradient checkpointing off and on, step time and peak memory, beside the peft
-baseline's training steps from the same run. bench/prepare_gpu_run.sh fetches the wheels the H200
-lacks (diffusers, importlib_metadata, zipp, bitsandbytes) into .whl/ and copies the baseline into .gpu/.
+baseline's training steps from the same run. --train-only runs the baseline and training alone.
 
 Results are written to DIR/gpu_speed.json before every section and at the end (a run stopped by its
 timeout keeps what it had); a section that fails is recorded and the next one runs; torch.compile
@@ -574,6 +570,7 @@ def main() -> None:
     bench = Bench(args)
     # The attention kernels serving and training choose (cuDNN attention off), so the times are theirs.
     configure_attention_backends()
+    bench.results["cudnn_sdp_enabled"] = torch.backends.cuda.cudnn_sdp_enabled()
 
     log_recompiles()
     # A timeout's SIGTERM: keep what was measured, then stop.
