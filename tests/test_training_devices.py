@@ -87,3 +87,23 @@ def test_loss_value_is_read_where_the_device_holds_values():
         loss_value(torch.tensor(float("nan")), 4)
     with pytest.raises(RuntimeError, match="the loss became inf"):
         loss_value(torch.tensor(float("inf")), 4)
+
+
+def test_flux_mini_vae_training_runs_with_the_vae_on_another_device():
+    """flux-mini's first stage (toys.mini.vae_training) draws crops and noise on the CPU too."""
+    import dataclasses
+
+    from PIL import Image
+
+    from toys.mini.spec import MiniSpec
+    from toys.mini.vae_training import build_vae, train_vae
+
+    spec = dataclasses.replace(MiniSpec(), vae_steps=2, vae_batch=2, vae_crop=16)
+    vae = build_vae(spec, seed=0).to(META)
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]
+    steps, handle = count_optimizer_steps()
+    try:
+        losses = train_vae(vae, images, spec, seed=0)
+    finally:
+        handle.remove()
+    assert len(losses) == 2 and len(steps) == 2
