@@ -30,9 +30,9 @@ def count_optimizer_steps():
     return steps, handle
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_lora_training_step_runs_with_the_model_on_another_device(checkpointing):
-    transformer = meta_transformer()
+@pytest.mark.parametrize("model, checkpointing", [("dev", False), ("dev", True), ("schnell", False)])
+def test_lora_training_step_runs_with_the_model_on_another_device(model, checkpointing):
+    transformer = meta_transformer(guidance_embeds=model == "dev")
     config = build_training_config(
         steps=3,
         lora_rank=2,
@@ -48,7 +48,7 @@ def test_lora_training_step_runs_with_the_model_on_another_device(checkpointing)
             params = lora_parameters(transformer)
             assert params and all(p.is_meta and p.dtype == torch.float32 for p in params)
             result = train_parameters(
-                transformer, params, synthetic_cache(SAMPLES), SAMPLES, config, SCHEDULERS["dev"]
+                transformer, params, synthetic_cache(SAMPLES), SAMPLES, config, SCHEDULERS[model]
             )
             assert all(p.is_meta for p in params)
     finally:

@@ -51,5 +51,6 @@ def synthetic_cache(samples: list[Sample]) -> TrainingCache:
     return TrainingCache(latents=latents, texts=texts, caption_of_sample=[0] * len(samples), empty_caption=1)
 
 
-def meta_transformer() -> torch.nn.Module:
-    return build_transformer(guidance_embeds=True, seed=0).requires_grad_(False).to("meta")
+def meta_transformer(guidance_embeds: bool = True) -> torch.nn.Module:
+    """The tiny dev (or schnell, without guidance input) transformer, frozen, on the meta device."""
+    return build_transformer(guidance_embeds=guidance_embeds, seed=0).requires_grad_(False).to("meta")
