@@ -12,6 +12,7 @@ from pathlib import Path as LocalPath
 
 from cog import BaseRunner, Input, Path, Secret
 
+from flux.attention import configure_attention_backends
 from flux.generate import generate
 from flux.loading import load_flux
 from flux.output import save_images
@@ -33,6 +34,7 @@ class Runner(BaseRunner):
         logging.basicConfig(
             level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s"
         )
+        configure_attention_backends()
         self.models = load_flux(parse_variant_list(os.environ.get(ENV_VARIANTS, DEFAULT_VARIANTS)))
         self.loras = LoraManager(self.models.transformers, default_lora_cache())
         self.safety = SafetyChecker.load(self.models.device)

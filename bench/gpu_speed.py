@@ -11,23 +11,27 @@ relative error per step). It first runs ../shared/bench/diffusers_baseline.py in
 GPU, before the project's models take memory), then prints a table of ratios and writes
 DIR/gpu_speed.json (DIR/baseline.json from the baseline).
 
---tiny runs everything on the CPU at toy size in about a minute (a smoke test of the script); there the
+--tiny runs everything on the CPU at toy size in about 30 s (a smoke test of the script); there the
 fast path is the float32 emulation of the fp8 math (CPUs have no fp8 tensor cores).
 
-On the lent H200 (no diffusers there, no network, ../shared does not travel), prepare two ignored folders
-and carry them:
-    .venv/bin/pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl
-    mkdir -p .gpu && cp ../shared/bench/diffusers_baseline.py .gpu/
-then, on the device: pip install --no-index --no-deps --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site
-python3 bench/gpu_speed.py --out $OUT --budget 480 --baseline .gpu/diffusers_baseline.py
+On the lent H200 (no diffusers or bitsandbytes there, no network, ../shared does not travel):
+`bash bench/prepare_gpu_run.sh` here fills the ignored folders .whl/ and .gpu/ and prints the device
+command (carry both; pip install the wheels into /tmp/site, then this script with --out $OUT).
 
-Not measured here: training step time and the low-memory training mode (the baseline prints the
-diffusers/peft training steps; the project's trainer needs its own script).
+Training (bench/gpu_train.py, last): the project's loop (train_lora, default optimizer adamw8bit) at
+512x512 and 1024x1024, gradient checkpointing off and on, step time and peak memory, beside the peft
+baseline's training steps from the same run. --train-only runs the baseline and training alone.
+
+Results are written to DIR/gpu_speed.json before every section and at the end (a run stopped by its
+timeout keeps what it had); a section that fails is recorded and the next one runs; torch.compile
+recompiles are logged (TORCH_LOGS recompiles) and counted in the JSON.
 """
 
 import argparse
 import json
+import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +42,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from gpu_train import table_rows as train_rows  # noqa: E402
+from gpu_train import train_section  # noqa: E402
+
+from flux.attention import configure_attention_backends  # noqa: E402
 
 BASELINE_CANDIDATES = (
     ROOT.parent / "shared" / "bench" / "diffusers_baseline.py",
@@ -101,6 +110,24 @@ class Bench:
             "skipped": [],
         }
 
+    def save(self) -> None:
+        """Write what was measured so far (called before every section and at the end)."""
+        self.results["total_s"] = time.perf_counter() - self.started
+        self.results["recompiles"] = RECOMPILES.count
+        path = Path(self.args.out) / "gpu_speed.json"
+        path.with_suffix(".tmp").write_text(json.dumps(self.results, indent=1, default=str))
+        path.with_suffix(".tmp").replace(path)  # never a half-written file
+
+    def attempt(self, name: str, fn, *args) -> None:
+        """Run one section; a failure is recorded and the run goes on to the next."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            self.results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:2000]
+            self.log(f"{name} failed: {type(exc).__name__}: {exc}")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
     def left(self) -> float:
         return self.args.budget - (time.perf_counter() - self.started)
 
@@ -127,8 +154,29 @@ class Bench:
             self.results["skipped"].append(name)
             self.log(f"budget: skipping {name} ({self.left():.0f} s left, needs ~{need_s:.0f})")
             return False
+        self.save()
         self.log(name)
         return True
+
+
+class RecompileCounter(logging.Handler):
+    """Counts torch.compile recompiles (the TORCH_LOGS `recompiles` records); torch prints them too."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "ecompil" in record.getMessage():
+            self.count += 1
+
+
+RECOMPILES = RecompileCounter()
+
+
+def log_recompiles() -> None:
+    torch._logging.set_logs(recompiles=True)
+    logging.getLogger("torch").addHandler(RECOMPILES)
 
 
 # ---- the baseline, in its own process ------------------------------------------------------------
@@ -145,7 +193,7 @@ def run_baseline(bench: Bench) -> None:
     share = max(60.0, bench.left() * args.baseline_share)
     command = [sys.executable, str(path), "--out", args.out, "--budget", f"{share:.0f}"]
     command += ["--tiny"] if args.tiny else []
-    command += [] if args.baseline_full else ["--skip-train", "--skip-compile"]
+    command += [] if args.baseline_full else ["--skip-compile"]  # its training steps are compared
     bench.log("baseline:", " ".join(command))
     t = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=share + 120)
@@ -351,14 +399,14 @@ def quality_and_step(bench: Bench, models) -> None:
             )
     if bench.device.type == "cuda":
         # The attention backend, eager bf16 (a compiled graph may keep the backend it was traced with):
-        # the baseline turns cuDNN attention off globally for training backward; is it faster on?
+        # production turns cuDNN attention off globally (flux/attention.py); is it faster on?
         for on in (True, False):
             torch.backends.cuda.enable_cudnn_sdp(on)
             bench.timed(lambda: transformer(**inputs), 1)
             bench.results[f"step_eager_cudnn_sdp_{int(on)}_s"] = statistics.median(
                 bench.timed(lambda: transformer(**inputs), repeat)
             )
-        torch.backends.cuda.enable_cudnn_sdp(bench.args.cudnn_sdp == "on")
+        configure_attention_backends()  # back to what production runs
     bench.log("transformer step", {k: v for k, v in bench.results.items() if k.startswith("step_")})
 
 
@@ -402,7 +450,9 @@ def lora_section(bench: Bench, models) -> None:
 
     bench.results["lora_modules"] = len(a)
     bench.results["lora_first_fuse_s"], bench.results["lora_first_refresh_s"] = switch([("a", a, 1.0)])
-    time_generate(bench, models, "dev", 28, True, 1 if bench.args.tiny else 2, "dev_lora_fast")
+    time_generate(
+        bench, models, "dev", 2 if bench.args.tiny else 28, True, 1 if bench.args.tiny else 2, "dev_lora_fast"
+    )
     fused, refreshed = switch([("b", b, 0.8)])
     bench.results["lora_switch_fuse_s"], bench.results["lora_switch_refresh_s"] = fused, refreshed
     bench.results["lora_switch_total_s"] = fused + refreshed
@@ -467,6 +517,7 @@ def table(results: dict) -> str:
         ),
         ("LoRA switch (fuse + fp8 refresh)", results.get("lora_switch_total_s"), None, "<= 1.5 s"),
         ("go_fast setup (fp8 + compile + warm-up)", results.get("go_fast_setup_s"), None, "recorded"),
+        *train_rows(results),
     ]
     lines = [f"{'what':42} {'project s':>10} {'reference s':>12} {'ratio':>7}  target"]
     for name, ours, ref, target in rows:
@@ -481,6 +532,9 @@ def table(results: dict) -> str:
     lines.append(
         "ratio = reference / project (reference: diffusers baseline of this run; LoRA row: dev go_fast)"
     )
+    lines.append(f"torch.compile recompiles: {results.get('recompiles')}; train rows: peak GB ours/baseline")
+    if results.get("errors"):
+        lines.append("errors: " + "; ".join(f"{k}: {v[:120]}" for k, v in results["errors"].items()))
     if results["skipped"]:
         lines.append("skipped: " + "; ".join(results["skipped"]))
     return "\n".join(lines)
@@ -501,32 +555,43 @@ def main() -> None:
         "--baseline-share", type=float, default=0.3, help="part of the budget given to the baseline"
     )
     parser.add_argument(
-        "--baseline-full", action="store_true", help="let the baseline also time training + compile"
+        "--baseline-full", action="store_true", help="let the baseline also time its compiled forward"
     )
     parser.add_argument("--fast-mode", default="auto", choices=("auto", "nocompile"))
     parser.add_argument(
         "--no-dynamic-warmup", action="store_true", help="warm up one shape only (faster setup)"
     )
+    parser.add_argument("--no-train", action="store_true", help="skip the training section")
     parser.add_argument(
-        "--cudnn-sdp", default="off", choices=("on", "off"), help="off matches the baseline's global setting"
+        "--train-only", action="store_true", help="baseline + training only (no inference models)"
     )
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     bench = Bench(args)
-    if torch.cuda.is_available():
-        torch.backends.cuda.enable_cudnn_sdp(args.cudnn_sdp == "on")
+    # The attention kernels serving and training choose (cuDNN attention off), so the times are theirs.
+    configure_attention_backends()
+    bench.results["cudnn_sdp_enabled"] = torch.backends.cuda.cudnn_sdp_enabled()
 
-    if not args.no_baseline:
-        run_baseline(bench)
+    log_recompiles()
+    # A timeout's SIGTERM: keep what was measured, then stop.
+    signal.signal(signal.SIGTERM, lambda *_: (bench.save(), sys.exit(124)))
+
+    if not args.no_baseline and bench.section("baseline", 60):
+        bench.attempt("baseline", run_baseline, bench)
     out_file = Path(args.out) / "gpu_speed.json"
     try:
+        if args.train_only:
+            bench.attempt("training", train_section, bench, None, FULL["transformer"])
+            return
         models = build_models(bench)
         bench.log("built models", f"{bench.results['build_s']:.1f} s")
-        setup_fast_path(bench, models)
+        bench.attempt("go_fast setup", setup_fast_path, bench, models)
         bench.log(
-            "go_fast setup", f"{bench.results['go_fast_setup_s']:.1f} s:", bench.results["go_fast_reason"]
+            "go_fast setup",
+            f"{bench.results.get('go_fast_setup_s', -1):.1f} s:",
+            bench.results.get("go_fast_reason"),
         )
-        repeat = 2 if args.tiny else 3
+        repeat = 1 if args.tiny else 3
         plan = [
             ("schnell", 4, False, "schnell_std", 20),
             ("schnell", 4, True, "schnell_fast", 15),
@@ -534,19 +599,25 @@ def main() -> None:
             ("dev", 28, False, "dev_std", 60),
         ]
         for model, steps, go_fast, tag, need in plan:
+            if models.fast is None and go_fast:
+                bench.results["skipped"].append(f"{tag} (no go_fast path)")
+                continue
             if bench.section(tag, 5 if args.tiny else need):
-                time_generate(bench, models, model, steps, go_fast, repeat if model == "schnell" else 2, tag)
+                steps = 2 if args.tiny else steps  # --tiny: a smoke test of the wiring, not a measurement
+                reps = repeat if model == "schnell" else (1 if args.tiny else 2)
+                bench.attempt(tag, time_generate, bench, models, model, steps, go_fast, reps, tag)
         if bench.section("quality guard + transformer step", 5 if args.tiny else 30):
-            quality_and_step(bench, models)
-        if bench.section("LoRA", 5 if args.tiny else 60):
-            lora_section(bench, models)
+            bench.attempt("quality guard + transformer step", quality_and_step, bench, models)
+        if models.fast is not None and bench.section("LoRA", 5 if args.tiny else 60):
+            bench.attempt("LoRA", lora_section, bench, models)
         if bench.device.type == "cuda":
             bench.results["gpu_peak_mem_GB"] = torch.cuda.max_memory_allocated() / 2**30
+        if not args.no_train and bench.section("training", 10 if args.tiny else 120):
+            bench.attempt("training", train_section, bench, models, FULL["transformer"])
     finally:
-        bench.results["total_s"] = time.perf_counter() - bench.started
-        out_file.write_text(json.dumps(bench.results, indent=1, default=str))
-    print(table(bench.results), flush=True)
-    print(f"full results: {out_file}", flush=True)
+        bench.save()
+        print(table(bench.results), flush=True)
+        print(f"full results: {out_file}", flush=True)
 
 
 if __name__ == "__main__":

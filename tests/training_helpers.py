@@ -1,10 +1,19 @@
-"""Shared pieces of the training tests: a small zip of images, some with captions."""
+"""Shared pieces of the training tests: a small zip of images, some with captions; a synthetic cache
+and the tiny transformer on the meta device (the CPU's stand-in for an accelerator)."""
 
 import io
 import zipfile
 from pathlib import Path
 
+import torch
 from PIL import Image
+
+from toys.tiny import TEXT_DIM, build_transformer
+from training.buckets import Sample
+from training.cache import TensorStore, TrainingCache
+
+SEQ = 7  # T5 tokens of the synthetic cache's prompts
+SAMPLES = [Sample(0, 64, 64, 64), Sample(1, 64, 64, 64), Sample(2, 96, 64, 64)]
 
 # (colour, size, caption or None): small images of different shapes, half of them captioned.
 IMAGES = [
@@ -26,3 +35,22 @@ def make_zip(path: Path, images=IMAGES) -> Path:
             if caption is not None:
                 archive.writestr(f"photos/img{index}.txt", caption)
     return path
+
+
+def synthetic_cache(samples: list[Sample]) -> TrainingCache:
+    """A cache as build_cache leaves it (CPU tensors), without running the VAE and text encoders."""
+    g = torch.Generator().manual_seed(0)
+    latents, texts = TensorStore(None), TensorStore(None)
+    for number, s in enumerate(samples):
+        latents.put(str(number), {"latents": torch.randn(16, s.height // 8, s.width // 8, generator=g)})
+    for number in range(2):  # caption 0 and the empty caption 1
+        texts.put(
+            str(number),
+            {"prompt": torch.randn(SEQ, TEXT_DIM, generator=g), "pooled": torch.randn(TEXT_DIM, generator=g)},
+        )
+    return TrainingCache(latents=latents, texts=texts, caption_of_sample=[0] * len(samples), empty_caption=1)
+
+
+def meta_transformer(guidance_embeds: bool = True) -> torch.nn.Module:
+    """The tiny dev (or schnell, without guidance input) transformer, frozen, on the meta device."""
+    return build_transformer(guidance_embeds=guidance_embeds, seed=0).requires_grad_(False).to("meta")

@@ -22,10 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
+from flux.attention import configure_attention_backends
 from training.buckets import Sample, epoch_batches
 from training.cache import TrainingCache
 from training.config import TrainingConfig
+from training.memory import activation_scale, needs_checkpointing, step_memory_gib
+from training.optimizer_trial import checked_optimizer
 from training.optimizers import build_optimizer
+from training.precision import forward_precision, keep_lora_inputs_in_base_dtype
 from training.recipe import TRAINING_GUIDANCE, flow_matching_loss, lora_config, sample_timesteps
 
 log = logging.getLogger(__name__)
@@ -33,10 +37,6 @@ log = logging.getLogger(__name__)
 ADAPTER_NAME = "trained"
 MAX_GRAD_NORM = 1.0
 LOSS_SMOOTHING = 0.9  # exponential moving average of the logged loss
-# Gradient checkpointing is switched on by itself when the accelerator has less free memory than this
-# per megapixel-sample of the largest batch (a rough bound for FLUX.1 dev in bf16 with its activations
-# kept; bench/RESULTS.md has measurements).
-AUTO_CHECKPOINT_GIB_PER_MEGAPIXEL = 40.0
 # (batch, image tokens, scheduler config, generator) -> t in (0, 1) per sample, like sample_timesteps.
 TimestepSampler = Callable[[int, int, dict, torch.Generator], torch.Tensor]
 EMA_DECAY = 0.99
@@ -163,11 +163,17 @@ def train_parameters(
     batch's noise levels: the recipe's by default; a model trained from scratch needs more draws at
     the highest noise, where only the text says what to draw (toys.mini.transformer_training).
     ema_decay: keep an EMA of params and leave it in them at the end (None: the last step's weights)."""
+    configure_attention_backends()  # before the first backward: cuDNN attention faults there
     device = next(transformer.parameters()).device
-    checkpointing = _use_checkpointing(config, device, samples)
+    checkpointing = _use_checkpointing(config, device, samples, transformer)
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     optimizer, optimizer_used = build_optimizer(config.optimizer, params, config.learning_rate, device)
+    # One step on the device first, so an optimizer that cannot run here costs a warning, not the run.
+    optimizer, optimizer_used = checked_optimizer(
+        optimizer, optimizer_used, params, config.learning_rate, device
+    )
+    # After the trial step, which restores the parameters: the average starts from the untrained LoRA.
     ema = _ExponentialAverage(params, ema_decay) if ema_decay is not None else None
     guidance = TRAINING_GUIDANCE if transformer.config.guidance_embeds else None
     generator = torch.Generator("cpu").manual_seed(config.seed)  # CPU draws: same noise on every device
@@ -187,6 +193,7 @@ def train_parameters(
     smoothed = 0.0
     started = last_log = time.perf_counter()
     transformer.train()
+    restore_lora_input_cast = keep_lora_inputs_in_base_dtype(transformer)  # see training/precision.py
     try:
         for step in range(1, config.steps + 1):
             if lr_schedule is not None:
@@ -199,11 +206,11 @@ def train_parameters(
             noise = torch.randn(latents.shape, generator=generator)
             seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
             t = timesteps(len(batch), seq_len, scheduler_config, generator)
-            loss = flow_matching_loss(
-                transformer, latents.to(device), noise.to(device), t, prompts, pooled, guidance
-            )
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"the loss became {loss.item()} at step {step}; lower learning_rate")
+            with forward_precision(transformer):  # bf16 math on a bf16 base; see training/precision.py
+                loss = flow_matching_loss(
+                    transformer, latents.to(device), noise.to(device), t, prompts, pooled, guidance
+                )
+            value = loss_value(loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -211,7 +218,7 @@ def train_parameters(
             if ema is not None:
                 ema.update()
 
-            losses.append(loss.item())
+            losses.append(value)
             smoothed = LOSS_SMOOTHING * smoothed + (1 - LOSS_SMOOTHING) * losses[-1]
             if step % log_every == 0 or step == config.steps:
                 now = time.perf_counter()
@@ -238,6 +245,7 @@ def train_parameters(
         if ema is not None:
             ema.copy_into_params()
     finally:
+        restore_lora_input_cast()
         transformer.eval()
         if checkpointing:
             transformer.disable_gradient_checkpointing()
@@ -279,6 +287,18 @@ class _ExponentialAverage:
                     param.copy_(value)
 
 
+def loss_value(loss: torch.Tensor, step: int) -> float:
+    """The loss as a number for the log, refusing a non-finite one before it reaches the weights.
+    The one place the loop reads a value back from the device: on `meta` (the tests' stand-in for an
+    accelerator: it checks devices but holds no values) the number is unknown, NaN, and not checked."""
+    if loss.is_meta:
+        return math.nan
+    value = loss.item()
+    if not math.isfinite(value):
+        raise RuntimeError(f"the loss became {value} at step {step}; lower learning_rate")
+    return value
+
+
 def _batches(samples: list[Sample], batch_size: int, rng: random.Random) -> Iterator[list[int]]:
     """Sample numbers, batch by batch, epoch after epoch."""
     number_of = {id(s): i for i, s in enumerate(samples)}
@@ -301,24 +321,31 @@ def _load_batch(
     return torch.stack(latents), torch.stack(prompts), torch.stack(pooled)
 
 
-def _use_checkpointing(config: TrainingConfig, device: torch.device, samples: list[Sample]) -> bool:
+def _use_checkpointing(
+    config: TrainingConfig, device: torch.device, samples: list[Sample], transformer: torch.nn.Module
+) -> bool:
     if config.gradient_checkpointing:
         log.info("gradient checkpointing on (requested)")
         return True
     if device.type != "cuda":
         return False
-    free_gib = torch.cuda.mem_get_info(device)[0] / 2**30
-    megapixels = max(s.width * s.height for s in samples) / 1e6 * config.batch_size
-    needed_gib = AUTO_CHECKPOINT_GIB_PER_MEGAPIXEL * megapixels
-    if free_gib < needed_gib:
+    # Free to this process: what the driver has free plus what torch's allocator holds unused.
+    free_bytes = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+    free_gib = (free_bytes - torch.cuda.memory_allocated(device)) / 2**30
+    megapixels = max(s.width * s.height for s in samples) / 1e6
+    scale = activation_scale(transformer.config)
+    needed_gib = step_memory_gib(megapixels, config.batch_size, scale)
+    if needs_checkpointing(free_gib, megapixels, config.batch_size, scale):
         log.warning(
             "gradient checkpointing switched on: %.1f GiB free on the GPU, about %.0f GiB needed without it "
-            "(largest bucket x batch_size = %.2f megapixels)",
+            "(largest bucket %.2f megapixels, batch_size %d)",
             free_gib,
             needed_gib,
             megapixels,
+            config.batch_size,
         )
         return True
+    log.info("gradient checkpointing off: %.1f GiB free, about %.0f GiB needed", free_gib, needed_gib)
     return False
 
 

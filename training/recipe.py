@@ -147,17 +147,24 @@ def flow_matching_loss(
     pooled_embeds: torch.Tensor,
     guidance: float | None,
 ) -> torch.Tensor:
-    """MSE between the predicted and the true velocity at x_t = (1 - t) x0 + t noise (fp32 loss)."""
+    """MSE between the predicted and the true velocity at x_t = (1 - t) x0 + t noise (fp32 loss).
+
+    Inputs may come from the CPU (the loop draws every random number there, so the noise is the same
+    on every device): each is moved to the transformer's device before it meets another tensor, since
+    an accelerator refuses to mix its tensors with CPU ones (only 0-dim CPU tensors may)."""
     batch, _, height, width = latents.shape
     param = next(p for p in transformer.parameters())
     device, dtype = param.device, param.dtype
+    latents = latents.to(device=device, dtype=torch.float32)
+    noise = noise.to(device=device, dtype=torch.float32)
+    t = t.to(device=device, dtype=torch.float32)
     t_b = t.view(batch, 1, 1, 1)
     noisy = (1 - t_b) * latents + t_b * noise
-    target = pack_latents(noise - latents).to(device)
+    target = pack_latents(noise - latents)
     guidance_input = None if guidance is None else torch.full((batch,), guidance, device=device, dtype=dtype)
     prediction = transformer(
         hidden_states=pack_latents(noisy).to(device=device, dtype=dtype),
-        timestep=t.to(device=device, dtype=dtype),
+        timestep=t.to(dtype),
         guidance=guidance_input,
         pooled_projections=pooled_embeds.to(device=device, dtype=dtype),
         encoder_hidden_states=prompt_embeds.to(device=device, dtype=dtype),
