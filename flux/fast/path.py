@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 
 ENV_FAST = "FLUX_FAST"
 FAST_MODES = ("auto", "nocompile", "off")
-# Warm-up shapes (height, width, batch): two differing ones, so the compiled blocks are re-traced once
-# with dynamic sizes at setup and later sizes, batches and prompt lengths reuse that graph.
+# Warm-up shapes (height, width, batch). The blocks compile with dynamic sizes from the start, but Dynamo
+# specializes size 1: batch 1 and batch >= 2 are the two graphs per block class, so setup traces both and
+# every later size, batch and prompt length reuses them (compiled.py).
 WARMUP_SHAPES = ((1024, 1024, 1), (768, 1344, 2))
 # Left free after the fp8 copies: activations of a 1024x1024 batch, the VAE decode, LoRA fusing.
 HEADROOM_BYTES = 10 * 2**30
@@ -73,8 +74,12 @@ def setup_fast(
     max_sequence_lengths: dict[str, int] | None = None,
     mode: str | None = None,
     warmup_shapes: tuple[tuple[int, int, int], ...] = WARMUP_SHAPES,
+    compile_options: dict | None = None,
 ) -> FastPath:
-    """Detect support and, where fp8 runs, install + compile + warm up each transformer."""
+    """Detect support and, where fp8 runs, install + compile + warm up each transformer.
+
+    compile_options: extra torch.compile arguments (a benchmark's mode, a test's counting backend).
+    """
     mode = mode or fast_mode()
     support = detect_fast_support(device)
     if mode == "off":
@@ -89,13 +94,14 @@ def setup_fast(
             continue  # go_fast requests on this variant run bf16; the fallback line says so
         fast = FastTransformer(transformer)
         if mode == "auto":
-            fast.compile_blocks()
+            fast.compile_blocks(**(compile_options or {}))
             seq = (max_sequence_lengths or {}).get(name, 512)
             for height, width, batch in warmup_shapes:
                 t = time.perf_counter()
                 with fast.active(True):
                     warm_up(transformer, height, width, batch, seq)
-                torch.cuda.synchronize(device)
+                if device.type == "cuda":  # the timing below is the GPU's, not the launch's
+                    torch.cuda.synchronize(device)
                 log.info(
                     "go_fast warm-up %s %dx%d x%d: %.1f s",
                     name,

@@ -8,7 +8,8 @@ Memory: the fp8 copies add half the bf16 size of the converted weights (~11.8 GB
 block-Linear parameters) plus 4 bytes per output row; the bf16 weights stay as the master copy.
 
 Switching per request is a flag per module (`use_fp8`) and, for compiled blocks, the module's compiled
-call (torch's nn.Module.compile keeps it in `_compiled_call_impl`; clearing it runs the block eagerly).
+call (nn.Module runs `_compiled_call_impl` when it is set, as nn.Module.compile does; clearing it runs the
+block eagerly).
 Compiled code only ever sees use_fp8=True, so flipping the switch never recompiles; refreshing after a
 LoRA change writes the fp8 buffers in place, so that never recompiles either.
 """
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 
 import torch
 
+from flux.fast.compiled import block_call, compile_region
 from flux.fast.fp8 import Fp8Linear, fits_fp8
 
 log = logging.getLogger(__name__)
@@ -94,16 +96,17 @@ class FastTransformer:
             log.info("re-quantized %d fp8 weights in %.2f s", len(stale), time.perf_counter() - started)
         return len(stale)
 
-    def compile_blocks(self, **compile_kwargs) -> int:
-        """Regional compilation: torch.compile each repeated block (same code, so compiled once per class).
+    def compile_blocks(self, **compile_options) -> int:
+        """Regional compilation: every repeated block runs through one compiled region (compiled.py), so
+        all blocks, both variants and every request size share a few graphs.
 
         Compiling is lazy: the first fast forward pays it, so setup runs a warm-up forward after this.
         The blocks run eagerly until `active(True)` switches their compiled call in.
+        `compile_options` go to torch.compile (tests pass a counting backend).
         """
+        region = compile_region(**compile_options)
         for block in self.blocks:
-            block.compile(**compile_kwargs)
-            self._compiled[id(block)] = block._compiled_call_impl
-            block._compiled_call_impl = None
+            self._compiled[id(block)] = block_call(region, block)
         return len(self.blocks)
 
     @property
