@@ -111,6 +111,24 @@ def test_fast_transformer_converts_block_linears_but_keeps_names_and_modulation(
     assert fast.fp8_bytes == weights + 4 * sum(m.out_features for m in fast.linears.values())
 
 
+def test_memory_plan_counts_exactly_the_fp8_copies_that_are_made():
+    """The plan (fp8_copy_bytes, at setup) and the copies (FastTransformer) use one target list; the old
+    plan counted every Linear, modulation and embedders too, and refused copies that would fit."""
+    from flux.fast.path import fp8_copy_bytes
+
+    transformer = tiny_transformer()
+    every_linear = sum(
+        m.weight.numel() + 4 * m.out_features for m in transformer.modules() if type(m) is torch.nn.Linear
+    )
+    planned = fp8_copy_bytes(transformer)
+    fast = FastTransformer(transformer, backend="emulate")
+    allocated = sum(
+        buffer.untyped_storage().nbytes() for m in fast.linears.values() for buffer in m.buffers()
+    )
+    assert planned == allocated == fast.fp8_bytes
+    assert planned < every_linear
+
+
 def test_quality_guard_emulated_fp8_within_3_percent_per_step():
     """The fast transformer against the float32 eager one on the same inputs, at each of 4 steps."""
     reference_model = tiny_transformer()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flux.fast.capability import FastSupport, detect_fast_support
+from flux.fast.targets import planned_fp8_bytes
 from flux.fast.transformer import FastTransformer
 
 log = logging.getLogger(__name__)
@@ -117,10 +118,8 @@ def setup_fast(
 
 
 def fp8_copy_bytes(transformer: torch.nn.Module) -> int:
-    """An upper bound of the fp8 copies' size: one byte per weight of every Linear (plus row scales)."""
-    return sum(
-        m.weight.numel() + 4 * m.out_features for m in transformer.modules() if type(m) is torch.nn.Linear
-    )
+    """What FastTransformer will allocate for `transformer`: the same targets, counted (targets.py)."""
+    return planned_fp8_bytes(transformer)
 
 
 def fits_in_memory(transformer: torch.nn.Module, device: torch.device, name: str) -> bool:
