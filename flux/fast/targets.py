@@ -26,7 +26,8 @@ def repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def fp8_targets(transformer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """Full name -> plain nn.Linear that gets an fp8 copy, in module order."""
+    """Full name -> plain nn.Linear that gets an fp8 copy, in module order (before FastTransformer
+    installs Fp8Linear: the installed ones are no longer plain Linears and are not listed again)."""
     block_ids = {id(b) for b in repeated_blocks(transformer)}
     targets: dict[str, torch.nn.Linear] = {}
     for block_name, block in transformer.named_modules():
