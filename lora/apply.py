@@ -7,10 +7,11 @@ The way back is a copy, never a subtraction: before a module is first modified, 
 is copied (to the CPU by default) and every later change starts by copying it back, bit for bit.
 Subtracting the update instead would leave rounding residue in bf16 that grows with every switch.
 
-Memory: one copy of each module any LoRA has ever touched, in the weight's dtype. A LoRA on every
-block linear of FLUX.1 touches nearly the whole transformer, ~23 GB in bf16 of host memory (pinned
-when the model is on a GPU, so restores are fast). The copies are kept for the life of the fuser:
-switching LoRAs then never reads the GPU back again.
+Memory: one copy of each module any LoRA has ever touched, in the weight's dtype, packed into a few
+exact-size host slabs (lora/backups.py: no power-of-two rounding). A LoRA on every block linear of
+FLUX.1 touches nearly the whole transformer, 23.7 GB in bf16 of host memory (pinned when the model is
+on a GPU, so restores are fast). The copies are kept for the life of the fuser: switching LoRAs then
+never reads the GPU back again.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lora.backups import BackupSlabs
 from lora.formats import CanonicalLora, LoraUpdate
 
 logger = logging.getLogger(__name__)
@@ -34,8 +36,8 @@ class LoraFuser:
 
     def __init__(self, transformer: torch.nn.Module, backup_device: torch.device | str = "cpu"):
         self._linears = {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
-        self._backup_device = torch.device(backup_device)
-        self._originals: dict[str, torch.Tensor] = {}
+        self.backups = BackupSlabs(backup_device)
+        self._originals: dict[str, torch.Tensor] = {}  # views into self.backups' slabs
         self._modified: set[str] = set()
         # What the weights hold now: () is the base model; None means unknown (a failed restore).
         self._active: tuple[tuple[str, float], ...] | None = ()
@@ -108,23 +110,15 @@ class LoraFuser:
         for _, lora, scale in chosen:
             for name, update in lora.items():
                 per_module.setdefault(name, []).append((update, scale))
+        # All first-time copies of this change in one slab per dtype, before any weight is written.
+        new = {name: self._linears[name].weight for name in per_module if name not in self._originals}
+        if new:
+            self._originals.update(self.backups.keep(new))
         for name, updates in per_module.items():
             weight = self._linears[name].weight
-            self._keep_original(name, weight)
             self._modified.add(name)
             # Sum in float32 and round to the weight's dtype once: W0 + delta, not W0 + round(delta).
             total = weight.to(torch.float32, copy=True)
             for update, scale in updates:
                 update.add_to(total, scale)
             weight.copy_(total)
-
-    def _keep_original(self, name: str, weight: torch.Tensor) -> None:
-        if name in self._originals:
-            return
-        pin = weight.is_cuda and self._backup_device.type == "cpu"
-        try:
-            copy = torch.empty(weight.shape, dtype=weight.dtype, device=self._backup_device, pin_memory=pin)
-        except RuntimeError:  # pinning can fail under a locked-memory limit; pageable memory still works
-            copy = torch.empty(weight.shape, dtype=weight.dtype, device=self._backup_device)
-        copy.copy_(weight.detach())
-        self._originals[name] = copy

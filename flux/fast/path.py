@@ -18,14 +18,16 @@ from dataclasses import dataclass, field
 import torch
 
 from flux.fast.capability import FastSupport, detect_fast_support
+from flux.fast.targets import planned_fp8_bytes
 from flux.fast.transformer import FastTransformer
 
 log = logging.getLogger(__name__)
 
 ENV_FAST = "FLUX_FAST"
 FAST_MODES = ("auto", "nocompile", "off")
-# Warm-up shapes (height, width, batch): two differing ones, so the compiled blocks are re-traced once
-# with dynamic sizes at setup and later sizes, batches and prompt lengths reuse that graph.
+# Warm-up shapes (height, width, batch). The blocks compile with dynamic sizes from the start, but Dynamo
+# specializes size 1: batch 1 and batch >= 2 are the two graphs per block class, so setup traces both and
+# every later size, batch and prompt length reuses them (compiled.py).
 WARMUP_SHAPES = ((1024, 1024, 1), (768, 1344, 2))
 # Left free after the fp8 copies: activations of a 1024x1024 batch, the VAE decode, LoRA fusing.
 HEADROOM_BYTES = 10 * 2**30
@@ -73,8 +75,12 @@ def setup_fast(
     max_sequence_lengths: dict[str, int] | None = None,
     mode: str | None = None,
     warmup_shapes: tuple[tuple[int, int, int], ...] = WARMUP_SHAPES,
+    compile_options: dict | None = None,
 ) -> FastPath:
-    """Detect support and, where fp8 runs, install + compile + warm up each transformer."""
+    """Detect support and, where fp8 runs, install + compile + warm up each transformer.
+
+    compile_options: extra torch.compile arguments (a benchmark's mode, a test's counting backend).
+    """
     mode = mode or fast_mode()
     support = detect_fast_support(device)
     if mode == "off":
@@ -89,13 +95,14 @@ def setup_fast(
             continue  # go_fast requests on this variant run bf16; the fallback line says so
         fast = FastTransformer(transformer)
         if mode == "auto":
-            fast.compile_blocks()
+            fast.compile_blocks(**(compile_options or {}))
             seq = (max_sequence_lengths or {}).get(name, 512)
             for height, width, batch in warmup_shapes:
                 t = time.perf_counter()
                 with fast.active(True):
                     warm_up(transformer, height, width, batch, seq)
-                torch.cuda.synchronize(device)
+                if device.type == "cuda":  # the timing below is the GPU's, not the launch's
+                    torch.cuda.synchronize(device)
                 log.info(
                     "go_fast warm-up %s %dx%d x%d: %.1f s",
                     name,
@@ -111,16 +118,15 @@ def setup_fast(
 
 
 def fp8_copy_bytes(transformer: torch.nn.Module) -> int:
-    """An upper bound of the fp8 copies' size: one byte per weight of every Linear (plus row scales)."""
-    return sum(
-        m.weight.numel() + 4 * m.out_features for m in transformer.modules() if type(m) is torch.nn.Linear
-    )
+    """What FastTransformer will allocate for `transformer`: the same targets, counted (targets.py)."""
+    return planned_fp8_bytes(transformer)
 
 
 def fits_in_memory(transformer: torch.nn.Module, device: torch.device, name: str) -> bool:
     """Refuse to add fp8 copies that would leave the GPU without room to serve: a worker that runs out of
-    memory at setup leaves the server unhealthy for good. Both variants in bf16 plus fp8 copies need
-    ~82 GB, more than an 80 GB card has; then the second variant stays bf16-only."""
+    memory at setup leaves the server unhealthy for good. Both variants in bf16 plus fp8 copies and the
+    text encoders take ~75 GB; with the 10 GB of headroom that is more than an 80 GB card has, so there
+    the second variant stays bf16-only."""
     needed = fp8_copy_bytes(transformer) + HEADROOM_BYTES
     free = torch.cuda.mem_get_info(device)[0]
     if free >= needed:
