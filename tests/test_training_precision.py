@@ -99,3 +99,40 @@ def test_autocast_keeps_less_for_backward_than_fp32_lora_inputs():
         f"kept for backward, 256x256 tiny model: fp32 LoRA inputs {fp32_math} B, bf16 autocast {bf16_math} B"
     )
     assert bf16_math < 0.8 * fp32_math
+
+
+def test_a_forward_inside_the_step_report_runs_on_a_bf16_base():
+    """W&B samples generate mid-training, while peft's input cast is off: the report's context must
+    give them the loop's precision too, or the bf16 input meets the fp32 LoRA weights."""
+    transformer = bf16_transformer()
+    config = build_training_config(steps=3, lora_rank=2, seed=0, optimizer="adamw")
+    cache = synthetic_cache(SAMPLES)
+    losses = []
+
+    def forward_like_a_sample(report):
+        latents = cache.latents.get("0")["latents"][None].to(torch.bfloat16)
+        text = cache.texts.get(str(cache.caption_of_sample[0]))
+        with report.averaged_weights(), torch.no_grad():
+            loss = flow_matching_loss(
+                transformer,
+                latents,
+                torch.randn_like(latents),
+                torch.tensor([0.5]),
+                text["prompt"][None].to(torch.bfloat16),
+                text["pooled"][None].to(torch.bfloat16),
+                1.0,
+            )
+        losses.append(float(loss))
+
+    with lora_adapter(transformer, 2, block_linear_names(transformer), seed=0):
+        train_parameters(
+            transformer,
+            lora_parameters(transformer),
+            cache,
+            SAMPLES,
+            config,
+            SCHEDULERS["dev"],
+            ema_decay=0.99,
+            on_step=forward_like_a_sample,
+        )
+    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)

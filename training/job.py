@@ -171,7 +171,11 @@ def run_training(
 
 
 def _tracking_steps(
-    tracker: WandbTracker, models: FluxModels, transformer: torch.nn.Module, config: TrainingConfig, previews
+    tracker: WandbTracker,
+    models: FluxModels,
+    transformer: torch.nn.Module,
+    config: TrainingConfig,
+    previews: PreviewSettings,
 ) -> StepCallback:
     """What W&B gets after each step: loss and rate; at the intervals, samples and the LoRA, both from
     the EMA weights (what the training will save). A failed sample is logged, never the training's end."""
@@ -199,9 +203,10 @@ def _tracking_steps(
             targets = targets or sorted(
                 {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in state}
             )
-            path = save_lora_file(
-                state, tracker.weights_file(report.step), lora_metadata(config, targets, report.step)
-            )
-            tracker.save_weights(path)
+            try:
+                path = tracker.weights_file(report.step)
+                tracker.save_weights(save_lora_file(state, path, lora_metadata(config, targets, report.step)))
+            except Exception:  # the run's folder (disk full, removed): W&B loses a file, not the training
+                log.exception("saving the LoRA of step %d to W&B failed; the training goes on", report.step)
 
     return on_step

@@ -50,7 +50,8 @@ class StepReport:
     steps: int  # the last step
     loss: float
     learning_rate: float
-    # Inside `with report.averaged_weights():` the parameters hold the EMA (what will be saved).
+    # Inside `with report.averaged_weights():` the parameters hold the EMA (what will be saved), and a
+    # forward (a sample image) runs at the loop's precision: peft's input cast is off during the loop.
     averaged_weights: Callable[[], AbstractContextManager]
 
 
@@ -239,7 +240,7 @@ def train_parameters(
                     steps=config.steps,
                     loss=losses[-1],
                     learning_rate=optimizer.param_groups[0]["lr"],
-                    averaged_weights=ema.swapped_in if ema is not None else nullcontext,
+                    averaged_weights=lambda: _for_inference(transformer, ema),
                 )
                 on_step(report)
         if ema is not None:
@@ -257,6 +258,12 @@ def train_parameters(
     return LoopResult(
         losses=losses, optimizer=optimizer_used, gradient_checkpointing=checkpointing, seconds=seconds
     )
+
+
+@contextmanager
+def _for_inference(transformer: torch.nn.Module, ema: _ExponentialAverage | None) -> Iterator[None]:
+    with ema.swapped_in() if ema is not None else nullcontext(), forward_precision(transformer):
+        yield
 
 
 class _ExponentialAverage:
