@@ -25,6 +25,7 @@ def mini_weights(tmp_path_factory):
         small_images=8,
         vae_images=16,
         vae_phases=((64, 6, 2), (256, 2, 1)),
+        clip_steps=5,
         vae_gate_color=0.0,
         vae_gate_shape=0.0,
         steps=3,
@@ -48,6 +49,7 @@ def test_loads_with_the_real_classes_and_its_own_normalisation(models, mini_weig
     dev, schnell = models.transformers["dev"], models.transformers["schnell"]
     assert isinstance(dev, FluxTransformer2DModel) and isinstance(models.vae, AutoencoderKL)
     assert (dev.config.num_layers, dev.config.num_single_layers, dev.config.num_attention_heads) == (2, 4, 4)
+    assert models.text_encoder.config.num_hidden_layers == 2 and dev.config.pooled_projection_dim == 64
     assert dev.config.guidance_embeds and not schnell.config.guidance_embeds
     assert models.vae.config.latent_channels == 16 and len(models.vae.config.block_out_channels) == 4
     # Measured on the trained VAE, not FLUX.1's constants.

@@ -46,7 +46,7 @@ def test_short_prompt_with_pad_bias_matches_the_full_forward(encoders, length):
         hidden_states=image,
         timestep=torch.tensor([0.9, 0.5, 0.99]),
         guidance=torch.ones(3),
-        pooled_projections=torch.randn(3, 32, generator=g),
+        pooled_projections=torch.randn(3, spec.clip_dim, generator=g),
         img_ids=torch.zeros(16, 3),
         return_dict=False,
     )

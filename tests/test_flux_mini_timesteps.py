@@ -59,7 +59,11 @@ def tiny_world(side: int = 4, captions: int = 3):
     texts, latents = TensorStore(None), TensorStore(None)
     for number in range(captions + 1):
         texts.put(
-            str(number), {"prompt": torch.randn(8, 64, generator=g), "pooled": torch.randn(32, generator=g)}
+            str(number),
+            {
+                "prompt": torch.randn(8, 64, generator=g),
+                "pooled": torch.randn(MiniSpec().clip_dim, generator=g),
+            },
         )
     for number in range(captions * 2):
         latents.put(str(number), {"latents": torch.randn(16, side, side, generator=g)})

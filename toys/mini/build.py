@@ -22,6 +22,7 @@ import torch
 
 from flux.loading import FluxModels, default_device
 from flux.variants import VARIANTS
+from toys.mini.clip_training import train_clip
 from toys.mini.spec import DEFAULT_DIR, MiniSpec
 from toys.mini.text import build_text_encoders, build_tokenizers
 from toys.mini.transformer_training import (
@@ -78,7 +79,11 @@ def build_flux_mini(output_dir: Path = DEFAULT_DIR, spec: MiniSpec | None = None
     lap("vae")
 
     clip_tok, t5_tok = build_tokenizers()
-    clip, t5 = build_text_encoders(clip_tok, t5_tok, spec.clip_dim, spec.t5_dim, spec.seed)
+    clip, t5 = build_text_encoders(clip_tok, t5_tok, spec.clip_dim, spec.t5_dim, spec.seed, spec.clip_layers)
+    clip_accuracy = train_clip(
+        clip, clip_tok, captions, [e.attributes for e in examples], spec.clip_steps, spec.seed
+    )
+    lap("text")
     dev_transformer = build_transformer(spec, guidance_embeds=True, seed=spec.seed + 1)
     models = FluxModels(
         tokenizer=clip_tok,
@@ -123,6 +128,7 @@ def build_flux_mini(output_dir: Path = DEFAULT_DIR, spec: MiniSpec | None = None
         total_seconds=round(time.perf_counter() - started, 1),
         device=str(device),
         vae_final_mse=round(sum(vae_losses[-50:]) / len(vae_losses[-50:]), 5),
+        clip_accuracy=clip_accuracy,
         vae_round_trip=None if round_trip is None else dataclasses.asdict(round_trip),
         transformer_final_loss=round(sum(run.losses[-50:]) / len(run.losses[-50:]), 4),
         transformer_loss_curve=loss_curve(run.losses, spec.batch),

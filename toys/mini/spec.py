@@ -25,8 +25,12 @@ class MiniSpec:
     vae_gate_color: float = 0.95
     vae_gate_shape: float = 0.90
     vae_gate_images: int = 40
-    # Text encoders (frozen): CLIP gives the pooled vector, T5 the token sequence.
-    clip_dim: int = 32
+    # Text encoders (frozen in the transformer's training): CLIP gives the pooled vector, T5 the
+    # token sequence. CLIP is first trained for clip_steps to name colour, shape and background
+    # (toys.mini.clip_training); T5 stays random with its neighbour heads (toys.mini.text).
+    clip_dim: int = 64
+    clip_layers: int = 2
+    clip_steps: int = 300
     t5_dim: int = 64
     # Transformer: 2 double + 4 single blocks, 4 heads x 32 = 128 wide.
     double_blocks: int = 2
