@@ -24,7 +24,7 @@ def mini_weights(tmp_path_factory):
         images=16,
         small_images=8,
         vae_images=16,
-        vae_phases=((64, 6, 2), (256, 2, 1)),
+        vae_phases=((256, 4, 2, 48), (64, 4, 2, 0), (256, 2, 1, 0)),
         clip_steps=5,
         vae_gate_color=0.0,
         vae_gate_shape=0.0,

@@ -111,7 +111,7 @@ def test_flux_mini_vae_training_runs_with_the_vae_on_another_device():
     from toys.mini.spec import MiniSpec
     from toys.mini.vae_training import build_vae, train_vae
 
-    spec = dataclasses.replace(MiniSpec(), vae_phases=((16, 1, 2), (32, 1, 2)))
+    spec = dataclasses.replace(MiniSpec(), vae_phases=((16, 1, 2, 0), (32, 1, 2, 16)))
     vae = build_vae(spec, seed=0).to(META)
     images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]
     steps, handle = count_optimizer_steps()

@@ -32,8 +32,8 @@ from toys.mini.transformer_training import (
     train_transformer,
     training_samples,
 )
-from toys.mini.vae_gate import check_vae
-from toys.mini.vae_training import build_vae, set_latent_normalisation, train_vae
+from toys.mini.vae_gate import train_checked_vae
+from toys.mini.vae_training import build_vae, set_latent_normalisation
 from toys.shapes import generate_dataset, held_out_pairs
 from toys.tiny import SCHEDULERS
 
@@ -72,9 +72,11 @@ def build_flux_mini(output_dir: Path = DEFAULT_DIR, spec: MiniSpec | None = None
     images, captions = [e.image for e in examples], [e.caption for e in examples]
     lap("dataset")
 
+    vae_examples = generate_dataset(
+        spec.vae_images, seed=spec.seed + 200, size=spec.image_size, two_tone=spec.two_tone
+    )
     vae = build_vae(spec, spec.seed).to(device)
-    vae_losses = train_vae(vae, images[: spec.vae_images], spec, spec.seed)
-    round_trip = check_vae(vae, spec)  # raises VaeGateError below the spec's gate
+    vae_losses, round_trip = train_checked_vae(vae, [e.image for e in vae_examples], spec)
     set_latent_normalisation(vae.cpu(), images[: min(256, spec.images)])
     lap("vae")
 

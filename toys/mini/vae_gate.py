@@ -7,6 +7,7 @@ them to 0, which skips the scoring.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from toys.mini.spec import MiniSpec
+from toys.mini.vae_training import train_vae
 from toys.shape_scorer import score_image
 from toys.shapes import held_out_prompts
 from training.recipe import image_to_pixels
@@ -63,8 +65,35 @@ def round_trip(vae, count: int, side: int, seed: int = 0, two_tone: float = 0.0)
     )
 
 
-def check_vae(vae, spec: MiniSpec) -> RoundTrip | None:
-    """Score the round trip and raise VaeGateError below the spec's thresholds (None: gate off)."""
+def train_checked_vae(vae, images: list[Image.Image], spec: MiniSpec) -> tuple[list[float], RoundTrip | None]:
+    """Train the VAE (spec.vae_phases), then score it; below the gate, train spec.vae_retry_phase at a
+    tenth of the learning rate and score again, up to spec.vae_retries times, then raise VaeGateError."""
+    losses = train_vae(vae, images, spec, spec.seed)
+    for retry in range(spec.vae_retries + 1):
+        try:
+            return losses, check_vae(vae, spec, final=retry == spec.vae_retries)
+        except _BelowGate:
+            vae.train().requires_grad_(True)
+            extra = dataclasses.replace(
+                spec, vae_phases=(spec.vae_retry_phase,), vae_lr=spec.vae_lr * spec.vae_retry_lr
+            )
+            log.info(
+                "VAE below the gate: %d more steps (retry %d of %d)",
+                extra.vae_phases[0][1],
+                retry + 1,
+                spec.vae_retries,
+            )
+            losses += train_vae(vae, images, extra, spec.seed + 1 + retry)
+    raise AssertionError("unreachable")
+
+
+class _BelowGate(Exception):
+    pass
+
+
+def check_vae(vae, spec: MiniSpec, final: bool = True) -> RoundTrip | None:
+    """Score the round trip and raise VaeGateError below the spec's thresholds (None: gate off);
+    final=False raises _BelowGate instead, so the caller may train on."""
     if spec.vae_gate_color <= 0 and spec.vae_gate_shape <= 0:
         log.info("VAE gate off (vae_gate_color = vae_gate_shape = 0)")
         return None
@@ -78,6 +107,8 @@ def check_vae(vae, spec: MiniSpec) -> RoundTrip | None:
         result.median_error,
     )
     if result.color < spec.vae_gate_color or result.shape < spec.vae_gate_shape:
+        if not final:
+            raise _BelowGate()
         raise VaeGateError(
             f"VAE round trip colour {result.color:.1%} / shape {result.shape:.1%} on {result.count} "
             f"held-out images is below the gate {spec.vae_gate_color:.0%} / {spec.vae_gate_shape:.0%}: "

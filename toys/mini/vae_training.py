@@ -47,19 +47,26 @@ def build_vae(spec: MiniSpec, seed: int):
     )
 
 
-def whole_images(images: list[Image.Image], count: int, side: int, rng: np.random.Generator) -> torch.Tensor:
-    """`count` random images of the list, whole, at side x side (box-filtered when resized)."""
+def draw_images(
+    images: list[Image.Image], count: int, side: int, crop: int, rng: np.random.Generator
+) -> torch.Tensor:
+    """`count` random images of the list at side x side (box-filtered when resized), whole (crop 0)
+    or as a random crop x crop square of each."""
     batch = []
     for _ in range(count):
         image = images[int(rng.integers(len(images)))]
         if image.size != (side, side):
             image = image.resize((side, side), Image.BOX)
+        if crop:
+            x, y = (int(v) for v in rng.integers(0, side - crop + 1, size=2))
+            image = image.crop((x, y, x + crop, y + crop))
         batch.append(image_to_pixels(image))
     return torch.stack(batch)
 
 
 def train_vae(vae, images: list[Image.Image], spec: MiniSpec, seed: int) -> list[float]:
-    """spec.vae_phases in order, each on whole images at its side; one cosine decay over them all."""
+    """spec.vae_phases in order, each on images at its side (whole, or crops); one cosine decay
+    over them all."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)  # posterior sampling draws from the global generator
     optimizer = torch.optim.AdamW(vae.parameters(), lr=spec.vae_lr, weight_decay=0.0)
@@ -67,9 +74,9 @@ def train_vae(vae, images: list[Image.Image], spec: MiniSpec, seed: int) -> list
     started = time.perf_counter()
     vae.train()
     device = next(vae.parameters()).device
-    total = sum(steps for _, steps, _ in spec.vae_phases)
+    total = sum(phase[1] for phase in spec.vae_phases)
     step = 0
-    for side, steps, batch in spec.vae_phases:
+    for side, steps, batch, crop in spec.vae_phases:
         for _ in range(steps):
             step += 1
             # Cosine decay to 5 %: the last steps settle the fine colour values the scorer reads.
@@ -77,7 +84,7 @@ def train_vae(vae, images: list[Image.Image], spec: MiniSpec, seed: int) -> list
             for group in optimizer.param_groups:
                 group["lr"] = spec.vae_lr * fraction
             # Images and noise drawn on the CPU (the same on every device), then moved to the VAE's device.
-            pixels = whole_images(images, batch, side, rng).to(device)
+            pixels = draw_images(images, batch, side, crop, rng).to(device)
             posterior = vae.encode(pixels).latent_dist
             latents = posterior.mode()
             # Noise at a tenth of the latents' spread: the decoder learns to tolerate the small errors
@@ -95,10 +102,11 @@ def train_vae(vae, images: list[Image.Image], spec: MiniSpec, seed: int) -> list
             if step % 50 == 0 or step == total:
                 elapsed = time.perf_counter() - started
                 log.info(
-                    "vae step %d/%d (%d px, batch %d) | mse %.4f | kl %.1f | %.2f s/step | %.0f s",
+                    "vae step %d/%d (%d px, crop %d, batch %d) | mse %.4f | kl %.1f | %.2f s/step | %.0f s",
                     step,
                     total,
                     side,
+                    crop,
                     batch,
                     float(np.mean(losses[-50:])),
                     _value(kl),
