@@ -2,10 +2,11 @@
 
     python -m toys.mini.build [OUTPUT_DIR] [--seed 0] [--steps N]   # default weights/flux-mini
 
-Stages: the shapes dataset (256 px, held-out colour/shape pairs left out), the VAE, its latent
-normalisation, the frozen text encoders, the transformer (full-parameter, the LoRA loop), then
-FLUX.1-dev/ and FLUX.1-schnell/ (the same weights without the guidance embedder). 17 min measured
-on one shared CPU core (bench/RESULTS.md); the same command uses a GPU when there is one.
+Stages: the shapes datasets (256 and 128 px, plain backgrounds, held-out colour/shape pairs left out),
+the VAE and its round-trip gate (toys.mini.vae_gate), its latent normalisation, the text encoders
+(CLIP trained briefly, T5 random), the transformer (full-parameter, the LoRA loop, 33 T5 rows with a
+pad bias), then FLUX.1-dev/ and FLUX.1-schnell/ (the same weights without the guidance embedder).
+About an hour on one CPU core (bench/RESULTS.md); the same command uses a GPU when there is one.
 """
 
 from __future__ import annotations

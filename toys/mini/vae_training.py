@@ -1,8 +1,9 @@
 """Stage 1 of flux-mini: an AutoencoderKL with FLUX.1's latent layout, trained on shapes images.
 
-Reconstruction loss (MSE on pixels) plus a tiny KL term, on whole images: first small ones (cheap),
-then at the size it serves. Not on crops: AutoencoderKL's GroupNorm takes its statistics over the
-whole image, so a VAE trained on 48 px crops gave white back pink on whole 256 px images (issue 13). The decoder
+Reconstruction loss (MSE on pixels) plus a tiny KL term, in phases (MiniSpec.vae_phases): 48 px crops
+first (cheap, many colours per batch: it learns the colours fast), then whole images at 128 px and at
+the 256 px it serves. Crops alone are not enough: AutoencoderKL's GroupNorm takes its statistics over
+the whole image, so a crop-trained VAE gave white back pink on whole 256 px images (issue 13). The decoder
 decodes slightly noised latents, so it tolerates the small errors of generated latents.
 Afterwards FLUX.1's normalisation constants are measured on whole training images: shift_factor =
 the latents' mean, scaling_factor = 1 / their standard deviation, so (z - shift) * scale, what the
