@@ -20,11 +20,12 @@ class MiniSpec:
     # (side, steps, batch, crop): images at side x side, whole (crop 0) or as crop x crop squares.
     vae_phases: tuple[tuple[int, int, int, int], ...] = (
         (256, 1000, 16, 48),
-        (128, 300, 4, 0),
-        (256, 200, 2, 0),
+        (128, 400, 4, 0),
+        (256, 150, 2, 0),
     )
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
+    vae_subject_weight: float = 10.0  # extra weight of the subject's pixels in the loss (vae_training)
     # The VAE's own images show every colour/shape pair, held-out ones too: a VAE trained without
     # them learned which colours each shape never has (a green hexagon came back black). The
     # held-out pairs stay out of the transformer's and CLIP's training, which is what the bars test.
@@ -34,9 +35,9 @@ class MiniSpec:
     vae_gate_color: float = 0.95
     vae_gate_shape: float = 0.90
     vae_gate_images: int = 40
-    vae_retries: int = 2
-    vae_retry_phase: tuple[int, int, int, int] = (256, 150, 2, 0)
-    vae_retry_lr: float = 0.1
+    vae_retries: int = 4
+    vae_retry_phase: tuple[int, int, int, int] = (128, 150, 4, 0)
+    vae_retry_lr: float = 0.25
     # Text encoders (frozen in the transformer's training): CLIP gives the pooled vector, T5 the
     # token sequence. CLIP is first trained for clip_steps to name colour, shape and background
     # (toys.mini.clip_training); T5 stays random with its neighbour heads (toys.mini.text).
@@ -56,7 +57,7 @@ class MiniSpec:
     small_images: int = 4800  # 2 of 3 batches at 128 px: ~0.15 s against ~0.42 s a step on one core
     small_side: int = 128
     two_tone: float = 0.0  # share of two-tone backgrounds: their captions do not say how they split
-    steps: int = 10000  # x batch 8 = 80k samples, ~40 min on one core
+    steps: int = 8000  # x batch 8 = 64k samples, ~32 min on one core
     batch: int = 8
     learning_rate: float = 1.5e-3
     warmup_steps: int = 200

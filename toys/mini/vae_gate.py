@@ -66,8 +66,8 @@ def round_trip(vae, count: int, side: int, seed: int = 0, two_tone: float = 0.0)
 
 
 def train_checked_vae(vae, images: list[Image.Image], spec: MiniSpec) -> tuple[list[float], RoundTrip | None]:
-    """Train the VAE (spec.vae_phases), then score it; below the gate, train spec.vae_retry_phase at a
-    tenth of the learning rate and score again, up to spec.vae_retries times, then raise VaeGateError."""
+    """Train the VAE (spec.vae_phases), then score it; below the gate, train spec.vae_retry_phase at
+    vae_lr * vae_retry_lr and score again, up to spec.vae_retries times, then raise VaeGateError."""
     losses = train_vae(vae, images, spec, spec.seed)
     for retry in range(spec.vae_retries + 1):
         try:

@@ -50,19 +50,29 @@ def build_vae(spec: MiniSpec, seed: int):
 
 def draw_images(
     images: list[Image.Image], count: int, side: int, crop: int, rng: np.random.Generator
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`count` random images of the list at side x side (box-filtered when resized), whole (crop 0)
-    or as a random crop x crop square of each."""
-    batch = []
+    or as a random crop x crop square of each; and each image's background colour (its corner pixel:
+    the world's backgrounds are plain), [count, 3] in [-1, 1]."""
+    batch, backgrounds = [], []
     for _ in range(count):
         image = images[int(rng.integers(len(images)))]
         if image.size != (side, side):
             image = image.resize((side, side), Image.BOX)
+        backgrounds.append([v / 127.5 - 1.0 for v in image.convert("RGB").getpixel((0, 0))])
         if crop:
             x, y = (int(v) for v in rng.integers(0, side - crop + 1, size=2))
             image = image.crop((x, y, x + crop, y + crop))
         batch.append(image_to_pixels(image))
-    return torch.stack(batch)
+    return torch.stack(batch), torch.tensor(backgrounds)
+
+
+def subject_weights(pixels: torch.Tensor, backgrounds: torch.Tensor, weight: float) -> torch.Tensor:
+    """[B, 1, H, W]: 1 on the background, 1 + weight on the subject. The subject is a few percent of
+    the pixels, so a plain MSE learns the backgrounds' colours and gets the subjects' wrong (yellow came
+    back orange), and the subject's colour is what the scorer reads."""
+    differs = (pixels - backgrounds.to(pixels.device)[:, :, None, None]).abs().amax(1, keepdim=True) > 0.1
+    return 1.0 + weight * differs.float()
 
 
 def train_vae(vae, images: list[Image.Image], spec: MiniSpec, seed: int) -> list[float]:
@@ -85,14 +95,16 @@ def train_vae(vae, images: list[Image.Image], spec: MiniSpec, seed: int) -> list
             for group in optimizer.param_groups:
                 group["lr"] = spec.vae_lr * fraction
             # Images and noise drawn on the CPU (the same on every device), then moved to the VAE's device.
-            pixels = draw_images(images, batch, side, crop, rng).to(device)
+            pixels, backgrounds = draw_images(images, batch, side, crop, rng)
+            pixels = pixels.to(device)
+            weights = subject_weights(pixels, backgrounds, spec.vae_subject_weight)
             posterior = vae.encode(pixels).latent_dist
             latents = posterior.mode()
             # Noise at a tenth of the latents' spread: the decoder learns to tolerate the small errors
             # of generated latents (sampling the posterior instead stalls a VAE this small).
             noisy = latents + 0.1 * latents.detach().std() * torch.randn(latents.shape).to(device)
             decoded = vae.decode(noisy).sample
-            reconstruction = torch.nn.functional.mse_loss(decoded, pixels)
+            reconstruction = ((decoded - pixels) ** 2 * weights).mean() / weights.mean()
             kl = posterior.kl().mean() / pixels[0].numel()
             loss = reconstruction + spec.vae_kl_weight * kl
             optimizer.zero_grad(set_to_none=True)
