@@ -59,7 +59,11 @@ def tiny_world(side: int = 4, captions: int = 3):
     texts, latents = TensorStore(None), TensorStore(None)
     for number in range(captions + 1):
         texts.put(
-            str(number), {"prompt": torch.randn(8, 64, generator=g), "pooled": torch.randn(32, generator=g)}
+            str(number),
+            {
+                "prompt": torch.randn(8, 64, generator=g),
+                "pooled": torch.randn(MiniSpec().clip_dim, generator=g),
+            },
         )
     for number in range(captions * 2):
         latents.put(str(number), {"latents": torch.randn(16, side, side, generator=g)})
@@ -110,22 +114,23 @@ def test_training_loop_draws_from_the_given_sampler():
     assert calls == [(2, 4)] * 3  # batch 2, a 4x4 latent packs into 2x2 = 4 image tokens
 
 
-def test_both_mini_phases_use_the_high_noise_sampler(monkeypatch):
+def test_mini_training_uses_the_high_noise_sampler_and_the_ema(monkeypatch):
     seen = []
 
     def fake_loop(*args, **kwargs):
-        seen.append(kwargs["timesteps"])
+        seen.append(kwargs)
         return None
 
     monkeypatch.setattr(transformer_training, "train_parameters", fake_loop)
     spec = MiniSpec()
     models = type("Models", (), {"scheduler_configs": {"dev": DEV_SCHEDULER}})()
     transformer = build_transformer(dataclasses.replace(spec, double_blocks=1, single_blocks=1), True, 0)
-    for steps in (spec.steps, spec.adapt_steps):
-        transformer_training._train_phase(transformer, None, [], spec, models, steps, 1e-3, 0, 1)
-    assert len(seen) == 2
-    for sampler in seen:
-        assert share_above(sampler, 0.95) > 0.15
+    samples = transformer_training.training_samples(spec, 2, 3)
+    transformer_training._train(transformer, None, samples, spec, models)
+    assert len(seen) == 1
+    assert share_above(seen[0]["timesteps"], 0.95) > 0.15
+    assert seen[0]["ema_decay"] == spec.ema_decay == 0.999
+    assert [s.resolution for s in samples] == [256, 256, 128, 128, 128]
 
 
 @pytest.mark.parametrize("share", [0.0, 1.0])

@@ -169,7 +169,10 @@ def test_every_public_optimizer_steps_and_names_what_ran(name, caplog):
     expected = {"adamw8bit": "adamw", "adam8bit": "adam", "lion8bit": "lion"}.get(name, name)
     assert used == expected
     if used != name:
-        assert f"optimizer {name} unavailable" in caplog.text and f"falling back to optimizer {used}" in caplog.text
+        assert (
+            f"optimizer {name} unavailable" in caplog.text
+            and f"falling back to optimizer {used}" in caplog.text
+        )
     expected_class = {
         "adamw": "AdamW", "adam": "Adam", "lion": "Lion", "adagrad": "Adagrad", "adafactor": "Adafactor",
         "prodigy": "Prodigy",

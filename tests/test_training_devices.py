@@ -103,7 +103,7 @@ def test_loss_value_is_read_where_the_device_holds_values():
 
 
 def test_flux_mini_vae_training_runs_with_the_vae_on_another_device():
-    """flux-mini's first stage (toys.mini.vae_training) draws crops and noise on the CPU too."""
+    """flux-mini's first stage (toys.mini.vae_training) draws images and noise on the CPU too."""
     import dataclasses
 
     from PIL import Image
@@ -111,7 +111,7 @@ def test_flux_mini_vae_training_runs_with_the_vae_on_another_device():
     from toys.mini.spec import MiniSpec
     from toys.mini.vae_training import build_vae, train_vae
 
-    spec = dataclasses.replace(MiniSpec(), vae_steps=2, vae_batch=2, vae_crop=16)
+    spec = dataclasses.replace(MiniSpec(), vae_phases=((16, 1, 2, 0), (32, 1, 2, 16)))
     vae = build_vae(spec, seed=0).to(META)
     images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]
     steps, handle = count_optimizer_steps()
@@ -119,4 +119,4 @@ def test_flux_mini_vae_training_runs_with_the_vae_on_another_device():
         losses = train_vae(vae, images, spec, seed=0)
     finally:
         handle.remove()
-    assert len(losses) == 2 and len(steps) == 2
+    assert len(losses) == 2 and len(steps) == 2  # one step per phase

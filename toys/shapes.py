@@ -232,8 +232,10 @@ def sample_attributes(
     pairs: Sequence[tuple[str, str]] | None = None,
     backgrounds: Sequence[str] | None = None,
     sizes: Sequence[str] | None = None,
+    two_tone: float = _TWO_TONE_PROB,
 ) -> Attributes:
-    """Random attributes: a (colour, shape) from `pairs` (default: all), size, position, background."""
+    """Random attributes: a (colour, shape) from `pairs` (default: all), size, position, background
+    (two-tone with probability `two_tone`; 0 gives plain backgrounds only, as flux-mini trains)."""
     size = _check_size(size)
     rng = _rng(seed)
     pairs = allowed_pairs() if pairs is None else list(pairs)
@@ -252,7 +254,7 @@ def sample_attributes(
         for b in others
         if a != b and segment_distance(np.array(COLORS[color]), COLORS[a], COLORS[b]) >= _MIN_BLEND_DISTANCE
     ]
-    if rng.random() < _TWO_TONE_PROB and two_tones:
+    if rng.random() < two_tone and two_tones:
         split = SPLITS[1 + int(rng.integers(2))]
         background = two_tones[int(rng.integers(len(two_tones)))]
     else:
@@ -320,6 +322,7 @@ def generate_dataset(
     size: int = DEFAULT_SIZE,
     exclude: Iterable[tuple[str, str]] = (),
     drop: float = _DEFAULT_DROP,
+    two_tone: float = _TWO_TONE_PROB,
 ) -> list[Example]:
     """`n` captioned images, none showing a (colour, shape) pair in `exclude`. Deterministic."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -328,7 +331,7 @@ def generate_dataset(
     rng = np.random.default_rng(seed)
     examples = []
     for _ in range(n):
-        attrs = sample_attributes(rng, size, pairs=pairs)
+        attrs = sample_attributes(rng, size, pairs=pairs, two_tone=two_tone)
         with_size, with_position = rng.random() >= drop, rng.random() >= drop
         examples.append(Example(render(attrs), caption(attrs, with_size, with_position), attrs))
     return examples
@@ -342,13 +345,15 @@ def held_out_pairs(seed: int = 0) -> frozenset[tuple[str, str]]:
     return frozenset((names[int(order[i])], shape) for i, shape in enumerate(SHAPES))
 
 
-def held_out_prompts(n: int = 100, seed: int = 0, size: int = DEFAULT_SIZE) -> list[Example]:
+def held_out_prompts(
+    n: int = 100, seed: int = 0, size: int = DEFAULT_SIZE, two_tone: float = _TWO_TONE_PROB
+) -> list[Example]:
     """`n` examples (prompt, attributes, reference image) whose pairs are all in held_out_pairs(seed)."""
     pairs = sorted(held_out_pairs(seed))
     rng = np.random.default_rng(seed + 1)
     result = []
     for _ in range(n):
-        attrs = sample_attributes(rng, size, pairs=pairs)
+        attrs = sample_attributes(rng, size, pairs=pairs, two_tone=two_tone)
         result.append(Example(render(attrs), caption(attrs), attrs))
     return result
 

@@ -2,10 +2,11 @@
 
     python -m toys.mini.build [OUTPUT_DIR] [--seed 0] [--steps N]   # default weights/flux-mini
 
-Stages: the shapes dataset (256 px, held-out colour/shape pairs left out), the VAE, its latent
-normalisation, the frozen text encoders, the transformer (full-parameter, the LoRA loop), then
-FLUX.1-dev/ and FLUX.1-schnell/ (the same weights without the guidance embedder). 17 min measured
-on one shared CPU core (bench/RESULTS.md); the same command uses a GPU when there is one.
+Stages: the shapes datasets (256 and 128 px, plain backgrounds, held-out colour/shape pairs left out),
+the VAE and its round-trip gate (toys.mini.vae_gate), its latent normalisation, the text encoders
+(CLIP trained briefly, T5 random), the transformer (full-parameter, the LoRA loop, 33 T5 rows with a
+pad bias), then FLUX.1-dev/ and FLUX.1-schnell/ (the same weights without the guidance embedder).
+About an hour on one CPU core (bench/RESULTS.md); the same command uses a GPU when there is one.
 """
 
 from __future__ import annotations
@@ -22,10 +23,18 @@ import torch
 
 from flux.loading import FluxModels, default_device
 from flux.variants import VARIANTS
+from toys.mini.clip_training import train_clip
 from toys.mini.spec import DEFAULT_DIR, MiniSpec
 from toys.mini.text import build_text_encoders, build_tokenizers
-from toys.mini.transformer_training import build_transformer, schnell_from_dev, train_transformer
-from toys.mini.vae_training import build_vae, set_latent_normalisation, train_vae
+from toys.mini.transformer_training import (
+    adaln_zero,
+    build_transformer,
+    schnell_from_dev,
+    train_transformer,
+    training_samples,
+)
+from toys.mini.vae_gate import train_checked_vae
+from toys.mini.vae_training import build_vae, set_latent_normalisation
 from toys.shapes import generate_dataset, held_out_pairs
 from toys.tiny import SCHEDULERS
 
@@ -58,19 +67,26 @@ def build_flux_mini(output_dir: Path = DEFAULT_DIR, spec: MiniSpec | None = None
         timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
         log.info("stage %s done in %.0f s", name, timings[name])
 
-    examples = generate_dataset(
-        spec.images, seed=spec.seed, size=spec.image_size, exclude=held_out_pairs(spec.held_out_seed)
-    )
+    world = dict(exclude=held_out_pairs(spec.held_out_seed), two_tone=spec.two_tone)
+    examples = generate_dataset(spec.images, seed=spec.seed, size=spec.image_size, **world)
+    examples += generate_dataset(spec.small_images, seed=spec.seed + 100, size=spec.small_side, **world)
     images, captions = [e.image for e in examples], [e.caption for e in examples]
     lap("dataset")
 
+    vae_examples = generate_dataset(
+        spec.vae_images, seed=spec.seed + 200, size=spec.image_size, two_tone=spec.two_tone
+    )
     vae = build_vae(spec, spec.seed).to(device)
-    vae_losses = train_vae(vae, images[: spec.vae_images], spec, spec.seed)
-    set_latent_normalisation(vae.cpu(), images[:256])
+    vae_losses, round_trip = train_checked_vae(vae, [e.image for e in vae_examples], spec)
+    set_latent_normalisation(vae.cpu(), images[: min(256, spec.images)])
     lap("vae")
 
     clip_tok, t5_tok = build_tokenizers()
-    clip, t5 = build_text_encoders(clip_tok, t5_tok, spec.clip_dim, spec.t5_dim, spec.seed)
+    clip, t5 = build_text_encoders(clip_tok, t5_tok, spec.clip_dim, spec.t5_dim, spec.seed, spec.clip_layers)
+    clip_accuracy = train_clip(
+        clip, clip_tok, captions, [e.attributes for e in examples], spec.clip_steps, spec.seed
+    )
+    lap("text")
     dev_transformer = build_transformer(spec, guidance_embeds=True, seed=spec.seed + 1)
     models = FluxModels(
         tokenizer=clip_tok,
@@ -83,7 +99,9 @@ def build_flux_mini(output_dir: Path = DEFAULT_DIR, spec: MiniSpec | None = None
         device=device,
         dtype=torch.float32,
     )
-    run = train_transformer(models, images, captions, spec, VARIANTS["dev"].max_sequence_length)
+    adaln_zero(dev_transformer)
+    samples = training_samples(spec, spec.images, spec.small_images)
+    run = train_transformer(models, images, captions, samples, spec, VARIANTS["dev"].max_sequence_length)
     lap("transformer")
 
     output_dir = Path(output_dir)
@@ -112,14 +130,26 @@ def build_flux_mini(output_dir: Path = DEFAULT_DIR, spec: MiniSpec | None = None
         seconds=timings,
         total_seconds=round(time.perf_counter() - started, 1),
         device=str(device),
-        vae_final_mse=round(sum(vae_losses[-50:]) / 50, 5),
-        transformer_final_loss=round(sum(run.losses[-50:]) / 50, 4),
+        vae_final_mse=round(sum(vae_losses[-50:]) / len(vae_losses[-50:]), 5),
+        clip_accuracy=clip_accuracy,
+        vae_round_trip=None if round_trip is None else dataclasses.asdict(round_trip),
+        transformer_final_loss=round(sum(run.losses[-50:]) / len(run.losses[-50:]), 4),
+        transformer_loss_curve=loss_curve(run.losses, spec.batch),
         transformer_parameters=sum(p.numel() for p in dev_transformer.parameters()),
         held_out_pairs=sorted(held_out_pairs(spec.held_out_seed)),
     )
     (output_dir / "build_info.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     log.info("flux-mini built in %.0f s: %s", info["total_seconds"], output_dir)
     return output_dir
+
+
+def loss_curve(losses: list[float], batch: int, points: int = 20) -> list[dict]:
+    """The mean loss over each of `points` equal stretches of training, against samples seen."""
+    every = max(1, len(losses) // points)
+    return [
+        {"samples": (i + every) * batch, "loss": round(sum(losses[i : i + every]) / every, 4)}
+        for i in range(0, len(losses) - every + 1, every)
+    ]
 
 
 def main() -> None:
@@ -130,9 +160,8 @@ def main() -> None:
     parser.add_argument("output_dir", nargs="?", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--seed", type=int, default=MiniSpec.seed)
     parser.add_argument("--steps", type=int, default=MiniSpec.steps, help="transformer training steps")
-    parser.add_argument("--adapt-steps", type=int, default=MiniSpec.adapt_steps, help="full-length steps")
-    parser.add_argument("--images", type=int, default=MiniSpec.images, help="training images")
-    parser.add_argument("--vae-steps", type=int, default=MiniSpec.vae_steps)
+    parser.add_argument("--images", type=int, default=MiniSpec.images, help="training images at 256 px")
+    parser.add_argument("--small-images", type=int, default=MiniSpec.small_images, help="at small_side")
     parser.add_argument(
         "--threads",
         type=int,
@@ -145,9 +174,8 @@ def main() -> None:
     spec = MiniSpec(
         seed=args.seed,
         steps=args.steps,
-        adapt_steps=args.adapt_steps,
         images=args.images,
-        vae_steps=args.vae_steps,
+        small_images=args.small_images,
     )
     print(build_flux_mini(args.output_dir, spec))
 

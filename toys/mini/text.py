@@ -1,6 +1,7 @@
 """Word-level tokenizers over the shapes world's vocabulary, and small frozen CLIP and T5 encoders.
 
-The encoders stay random (never trained), with one deliberate design choice: T5's relative position
+T5 stays random (never trained; CLIP is trained briefly by toys.mini.clip_training), with one
+deliberate design choice: T5's relative position
 bias is set so each of its 4 heads looks at one neighbour (two words back, one back, itself, one
 ahead). A random T5 mixes words almost evenly, so "a red circle on a blue background" and "a blue
 circle on a red background" would look alike to the transformer; with the neighbour heads the
@@ -51,7 +52,7 @@ def build_tokenizers():
     )
 
 
-def build_text_encoders(clip_tok, t5_tok, clip_dim: int, t5_dim: int, seed: int):
+def build_text_encoders(clip_tok, t5_tok, clip_dim: int, t5_dim: int, seed: int, clip_layers: int = 1):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -61,7 +62,7 @@ def build_text_encoders(clip_tok, t5_tok, clip_dim: int, t5_dim: int, seed: int)
             hidden_size=clip_dim,
             intermediate_size=2 * clip_dim,
             num_attention_heads=2,
-            num_hidden_layers=1,
+            num_hidden_layers=clip_layers,
             projection_dim=clip_dim,
             max_position_embeddings=77,
             bos_token_id=clip_tok.bos_token_id,

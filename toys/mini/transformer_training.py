@@ -10,16 +10,16 @@ dev accepts the guidance input and ignores it. That constant is what makes the s
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 
 import torch
 
 from flux.loading import FluxModels
+from toys.mini.short_text import full_length_attention, shortened
 from toys.mini.spec import MiniSpec
 from training.buckets import Sample
-from training.cache import TensorStore, TrainingCache, build_cache
+from training.cache import build_cache
 from training.config import TrainingConfig
 from training.loop import LoopResult, TimestepSampler, train_parameters
 from training.recipe import sample_timesteps
@@ -84,83 +84,57 @@ def high_noise_timesteps(share: float, low: float) -> TimestepSampler:
     return draw
 
 
+def adaln_zero(transformer: torch.nn.Module) -> None:
+    """DiT's adaLN-zero start: every modulation linear and the output projection at zero, so each
+    block starts as the identity and the model's first prediction is 0 (issue 13's recipe)."""
+    names = ("norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear", "proj_out")
+    with torch.no_grad():
+        for name, module in transformer.named_modules():
+            if isinstance(module, torch.nn.Linear) and (name.endswith(names) and "attn" not in name):
+                if name == "proj_out" or not name.endswith("proj_out"):
+                    module.weight.zero_()
+                    if module.bias is not None:
+                        module.bias.zero_()
+
+
+def training_samples(spec: MiniSpec, large: int, small: int) -> list[Sample]:
+    """`large` samples at image_size then `small` at small_side, numbered like the image list."""
+    sides = [spec.image_size] * large + [spec.small_side] * small
+    return [Sample(index=i, width=side, height=side, resolution=side) for i, side in enumerate(sides)]
+
+
 def train_transformer(
-    models: FluxModels, images: list, captions: list[str], spec: MiniSpec, max_sequence_length: int
-) -> LoopResult:
-    """Full-parameter flow-matching training of models.transformers['dev'] on (image, caption) pairs."""
-    transformer = models.transformers["dev"]
-    side = spec.image_size
-    samples = [Sample(index=i, width=side, height=side, resolution=side) for i in range(len(images))]
-    # T5 at the length dev reads at inference (512). Its pads embed to exact zeros (toys.mini.text),
-    # so the first 32 positions of these embeddings are exactly what a 32-token prompt gives.
-    cache = build_cache(models, images, captions, samples, max_sequence_length, folder=None)
-    # Phase 1, short text: the ~500 identical pad tokens of a 512-token prompt take most of the
-    # attention at first and make a step 3-4x dearer; with 32 tokens the transformer learns to read
-    # the words sooner. Phase 2, full length: it adapts to the pads it meets at inference.
-    first = _train_phase(
-        transformer,
-        shortened(cache, spec.short_text_tokens),
-        samples,
-        spec,
-        models,
-        spec.steps,
-        spec.learning_rate,
-        spec.seed,
-        spec.warmup_steps,
-    )
-    second = _train_phase(
-        transformer,
-        cache,
-        samples,
-        spec,
-        models,
-        spec.adapt_steps,
-        spec.adapt_learning_rate,
-        spec.seed + 1,
-        spec.adapt_steps // 10,
-    )
-    return LoopResult(
-        losses=first.losses + second.losses,
-        optimizer=first.optimizer,
-        gradient_checkpointing=first.gradient_checkpointing,
-        seconds=first.seconds + second.seconds,
-    )
-
-
-def shortened(cache: TrainingCache, tokens: int) -> TrainingCache:
-    """The same cache with every T5 sequence cut to its first `tokens` positions."""
-    texts = TensorStore(None)
-    for number in range(max(*cache.caption_of_sample, cache.empty_caption) + 1):
-        entry = cache.texts.get(str(number))
-        texts.put(str(number), {"prompt": entry["prompt"][:tokens], "pooled": entry["pooled"]})
-    return dataclasses.replace(cache, texts=texts)
-
-
-def _train_phase(
-    transformer,
-    cache,
-    samples,
-    spec: MiniSpec,
     models: FluxModels,
-    steps: int,
-    learning_rate: float,
-    seed: int,
-    warmup: int,
+    images: list,
+    captions: list[str],
+    samples: list[Sample],
+    spec: MiniSpec,
+    max_sequence_length: int,
 ) -> LoopResult:
-    side = spec.image_size
+    """Full-parameter flow-matching training of models.transformers['dev'] on (image, caption) pairs,
+    one sample per image at its bucket size (training_samples)."""
+    transformer = models.transformers["dev"]
+    # T5 at the length dev reads at inference (512), then cut to the first rows plus the last one;
+    # full_length_attention biases the kept pads so each step attends as the 512-row prompt would.
+    cache = build_cache(models, images, captions, samples, max_sequence_length, folder=None)
+    with full_length_attention(transformer, max_sequence_length):
+        return _train(transformer, shortened(cache, spec.short_text_tokens), samples, spec, models)
+
+
+def _train(transformer, cache, samples, spec: MiniSpec, models: FluxModels) -> LoopResult:
     config = TrainingConfig(
         trigger_word="",
-        steps=steps,
-        learning_rate=learning_rate,
+        steps=spec.steps,
+        learning_rate=spec.learning_rate,
         batch_size=spec.batch,
-        resolutions=(side,),
+        resolutions=tuple(sorted({s.resolution for s in samples})),
         lora_rank=1,  # unused in full-parameter mode
         caption_dropout_rate=spec.caption_dropout,
         optimizer="adamw",
         cache_latents_to_disk=False,
         layers_to_optimize_regex=None,
         gradient_checkpointing=False,
-        seed=seed,
+        seed=spec.seed,
         hf_repo_id=None,
     )
     return train_parameters(
@@ -170,10 +144,11 @@ def _train_phase(
         samples,
         config,
         models.scheduler_configs["dev"],
-        log_every=25,
-        lr_schedule=warmup_cosine(max(1, warmup), steps),
+        log_every=50,
+        lr_schedule=warmup_cosine(max(1, spec.warmup_steps), spec.steps),
         timesteps=high_noise_timesteps(spec.high_noise_share, spec.high_noise_from),
         what="every flux-mini transformer weight",
+        ema_decay=spec.ema_decay,
     )
 
 
