@@ -16,7 +16,6 @@ from training.previews import PreviewSettings
 from training.tracking import build_wandb_settings
 
 FAST_PREVIEWS = PreviewSettings(count=0, width=256, height=256, steps=1)
-SAMPLE_SETTINGS = PreviewSettings(count=0, width=256, height=256, steps=1)
 KEY = "wandb_key_never_shown_0123456789abcdef01"
 
 
@@ -116,7 +115,7 @@ def test_wandb_gets_loss_samples_and_the_lora(tiny_models, tmp_path, wandb_offli
             make_zip(tmp_path / "d.zip"),
             tmp_path / "out",
             models=tiny_models,
-            previews=SAMPLE_SETTINGS,
+            previews=FAST_PREVIEWS,  # also the W&B samples' settings
             wandb_api_key=KEY,
             wandb=settings,
         )

@@ -16,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from errors import UserInputError
-from training.optimizers import OPTIMIZER_TABLE, PRODIGY_MIN_MULTIPLIER
+from training.optimizers import ADAMW_MAX_LR, OPTIMIZER_TABLE, PRODIGY_MIN_MULTIPLIER
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ USUAL_MAX_BATCH = 4
 MIN_RESOLUTION, MAX_RESOLUTION = 64, 2048
 USUAL_RESOLUTIONS = (256, 1536)
 RESOLUTION_STEP = 64  # bucket sides are multiples of 64: fewer, fuller buckets for batch_size > 1
-USUAL_MAX_LEARNING_RATE = 1e-2  # AdamW-like optimizers diverge on FLUX.1 above this within a few steps
+USUAL_MAX_LEARNING_RATE = ADAMW_MAX_LR  # AdamW-like optimizers diverge on FLUX.1 above this
 MAX_LEARNING_RATE = 10.0  # no optimizer here (Prodigy's multiplier included) trains at a larger rate
 MAX_SEED = 2**32 - 1
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")

@@ -35,14 +35,19 @@ LORA_FILE = "lora.safetensors"
 TAR_NAME = "trained_model.tar"
 
 
-def lora_metadata(config: TrainingConfig, target_modules: list[str], steps_done: int) -> dict[str, str]:
-    adapter = {
-        "transformer.r": config.lora_rank,
-        "transformer.lora_alpha": config.lora_alpha,
+def adapter_metadata(rank: int, alpha: int, target_modules: list[str]) -> dict:
+    """diffusers' `lora_adapter_metadata` of a plain LoRA on the transformer (before json.dumps)."""
+    return {
+        "transformer.r": rank,
+        "transformer.lora_alpha": alpha,
         "transformer.target_modules": sorted(target_modules),
         "transformer.use_dora": False,
         "transformer.use_rslora": False,
     }
+
+
+def lora_metadata(config: TrainingConfig, target_modules: list[str], steps_done: int) -> dict[str, str]:
+    adapter = adapter_metadata(config.lora_rank, config.lora_alpha, target_modules)
     return {
         "format": "pt",
         "lora_adapter_metadata": json.dumps(adapter, sort_keys=True),

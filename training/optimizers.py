@@ -27,7 +27,9 @@ BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-6
 # Prodigy's learning_rate is a multiplier on its own estimate; below this it is taken as 1.0.
 PRODIGY_MIN_MULTIPLIER = 0.1
-# A Prodigy multiplier (~1.0) would blow AdamW up: the no-prodigyopt fallback uses the trainer default.
+# AdamW-like optimizers diverge on FLUX.1 above this rate within a few steps; a Prodigy multiplier
+# (~1.0) would blow AdamW up, so the no-prodigyopt fallback then uses the trainer default.
+ADAMW_MAX_LR = 1e-2
 ADAMW_FALLBACK_LR = 4e-4
 
 Params = list[torch.nn.Parameter]
@@ -116,7 +118,7 @@ def build_optimizer(
                 raise
             reason = f"{type(exc).__name__}: {exc}"
     if name == "prodigy":
-        lr = learning_rate if learning_rate <= 1e-2 else ADAMW_FALLBACK_LR
+        lr = learning_rate if learning_rate <= ADAMW_MAX_LR else ADAMW_FALLBACK_LR
     log.warning(
         "optimizer %s unavailable (%s): falling back to optimizer %s, lr %g", name, reason, fallback, lr
     )

@@ -27,6 +27,8 @@ from training.export import (
     LORA_FILE,
     SOFTWARE_NAME,
     SOFTWARE_VERSION,
+    TAR_NAME,
+    adapter_metadata,
     save_lora_file,
     write_tar,
 )
@@ -101,7 +103,7 @@ def package_pretrained_lora(
         }
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         output_dir.mkdir(parents=True, exist_ok=True)
-        tar = write_tar(staging, output_dir / "trained_model.tar")
+        tar = write_tar(staging, output_dir / TAR_NAME)
     log.info(
         "packaged the pretrained LoRA %s (%d layers) without training",
         display_reference(reference),
@@ -121,13 +123,7 @@ def trained_layout(lora: CanonicalLora) -> tuple[dict[str, torch.Tensor], dict]:
     ranks = {module: update.rank for module, update in lora.items()}
     rank = Counter(ranks.values()).most_common(1)[0][0]
     others = {module: r for module, r in sorted(ranks.items()) if r != rank}
-    adapter = {
-        "transformer.r": rank,
-        "transformer.lora_alpha": rank,
-        "transformer.target_modules": sorted(lora),
-        "transformer.use_dora": False,
-        "transformer.use_rslora": False,
-    }
+    adapter = adapter_metadata(rank, rank, list(lora))
     if others:
         adapter["transformer.rank_pattern"] = others
         adapter["transformer.alpha_pattern"] = others
