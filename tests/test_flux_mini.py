@@ -15,23 +15,28 @@ import torch
 def mini_weights(tmp_path_factory):
     """The same command as `python -m toys.mini.build`, at a few steps so it runs in seconds."""
     from toys.mini.build import build_flux_mini
-    from toys.mini.spec import MiniSpec
 
-    # The VAE gate is off here: a few VAE steps cannot give colours back (the full build's gate is
-    # MiniSpec.vae_gate_color / vae_gate_shape).
-    quick = replace(
+    return build_flux_mini(tmp_path_factory.mktemp("flux-mini"), quick_spec())
+
+
+def quick_spec(phases: int = 2):
+    """Every stage at a few steps, two transformer phases. The VAE gate is off: a few VAE steps cannot
+    give colours back (the full build's gate is MiniSpec.vae_gate_color / vae_gate_shape)."""
+    from toys.mini.spec import MiniSpec, TransformerPhase
+
+    step = dict(learning_rate=1e-3, warmup_steps=1, high_noise_share=0.5)
+    return replace(
         MiniSpec(),
-        images=16,
-        small_images=8,
         vae_images=16,
         vae_phases=((256, 4, 2, 48), (64, 4, 2, 0), (256, 2, 1, 0)),
         clip_steps=5,
         vae_gate_color=0.0,
         vae_gate_shape=0.0,
-        steps=3,
-        warmup_steps=1,
+        phases=(
+            TransformerPhase(steps=3, images=16, small_images=8, **step),
+            TransformerPhase(steps=2, images=4, small_images=4, **step),
+        )[:phases],
     )
-    return build_flux_mini(tmp_path_factory.mktemp("flux-mini"), quick)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """The committed flux-mini draws the prompted colour (issue 13), judged by the shapes scorer.
 
-Held-out colour/shape pairs (never in training), through the container's request path
-(build_request -> generate) at 256x256, dev, 28 steps. The full figures (100 prompts) are in
-bench/RESULTS.md: colour 83 %, shape 17 %; here the colour of a handful, with a margin.
+Held-out colour/shape pairs (never in training) at 256x256, dev, 28 steps: through the container's
+request path (build_request -> generate) and through the real Cog server, as `cog predict` sends
+them. The full figures (100 prompts) are in bench/RESULTS.md; here a handful, with a margin.
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ import torch
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "flux-mini"
 
 
-@pytest.fixture(scope="module")
-def models():
+def committed() -> None:
     if not (WEIGHTS / "FLUX.1-dev" / "model_index.json").is_file():
         pytest.skip("weights/flux-mini is not committed in this checkout")
+
+
+@pytest.fixture(scope="module")
+def models():
+    committed()
     from flux.loading import load_flux
 
     with pytest.MonkeyPatch.context() as patch:
@@ -38,3 +42,45 @@ def test_held_out_prompts_get_their_colour(models):
     ]
     backgrounds = sum(s.background == e.attributes.background for s, e in zip(scores, examples, strict=True))
     assert backgrounds >= 5
+
+
+@pytest.fixture(scope="module")
+def mini_server(tiny_env, tmp_path_factory):
+    """The real Cog server running predict.py on the committed flux-mini (helper models: the tiny ones)."""
+    committed()
+    from cog_local import cog_server
+
+    from tests.conftest import CogClient
+
+    log_path = tmp_path_factory.mktemp("server") / "mini-server.log"
+    with cog_server("predict", env={**tiny_env, "FLUX_WEIGHTS_DIR": str(WEIGHTS)}, log_path=log_path) as url:
+        yield CogClient(url, log_path)
+
+
+@pytest.mark.server
+def test_the_server_draws_held_out_prompts(mini_server):
+    from tests.test_server_predict import decode, succeeded
+    from toys.mini import quality
+    from toys.shape_scorer import score_image
+    from toys.shapes import held_out_prompts
+
+    examples = held_out_prompts(6, seed=0, size=quality.SIDE, two_tone=0.0)  # the library test's
+    scores = []
+    for index, example in enumerate(examples):
+        output = succeeded(
+            mini_server.predict(
+                prompt=example.caption,
+                model="dev",
+                aspect_ratio="custom",
+                width=quality.SIDE,
+                height=quality.SIDE,
+                seed=1000 + index,
+                output_format="png",
+            )
+        )
+        scores.append(score_image(decode(output[0]).convert("RGB")))
+    seen = [(e.caption, s.color, s.shape, s.background) for e, s in zip(examples, scores, strict=True)]
+    assert sum(s.color == e.attributes.color for s, e in zip(scores, examples, strict=True)) >= 4, seen
+    assert sum(s.background == e.attributes.background for s, e in zip(scores, examples, strict=True)) >= 5, (
+        seen
+    )

@@ -41,7 +41,7 @@ def share_above(sampler, threshold: float, draws: int = 20000) -> float:
 def test_recipe_rarely_reaches_high_noise_and_the_mini_sampler_does():
     assert share_above(sample_timesteps, 0.95) < 0.01  # why the prompt went unlearned
     spec = MiniSpec()
-    mini = high_noise_timesteps(spec.high_noise_share, spec.high_noise_from)
+    mini = high_noise_timesteps(spec.phases[0].high_noise_share, spec.high_noise_from)
     assert share_above(mini, 0.95) > 0.15
     assert share_above(mini, 0.99) > 0.03
     assert 0.3 < share_above(mini, 0.5) < 0.9  # the other noise levels stay trained too
@@ -123,12 +123,12 @@ def test_mini_training_uses_the_high_noise_sampler_and_the_ema(monkeypatch):
 
     monkeypatch.setattr(transformer_training, "train_parameters", fake_loop)
     spec = MiniSpec()
-    models = type("Models", (), {"scheduler_configs": {"dev": DEV_SCHEDULER}})()
     transformer = build_transformer(dataclasses.replace(spec, double_blocks=1, single_blocks=1), True, 0)
     samples = transformer_training.training_samples(spec, 2, 3)
-    transformer_training._train(transformer, None, samples, spec, models)
-    assert len(seen) == 1
-    assert share_above(seen[0]["timesteps"], 0.95) > 0.15
+    for phase in spec.phases:
+        transformer_training._train(transformer, None, samples, spec, phase, 0, DEV_SCHEDULER)
+    assert len(seen) == len(spec.phases)
+    assert all(share_above(kwargs["timesteps"], 0.95) > 0.08 for kwargs in seen)
     assert seen[0]["ema_decay"] == spec.ema_decay == 0.999
     assert [s.resolution for s in samples] == [256, 256, 128, 128, 128]
 

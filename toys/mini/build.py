@@ -1,12 +1,14 @@
 """Train flux-mini from scratch and write it in diffusers layout:
 
-    python -m toys.mini.build [OUTPUT_DIR] [--seed 0] [--steps N]   # default weights/flux-mini
+    python -m toys.mini.build [OUTPUT_DIR] [--seed 0] [--resume EARLIER] [--checkpoint-every N]
 
 Stages: the shapes datasets (256 and 128 px, plain backgrounds, held-out colour/shape pairs left out),
 the VAE and its round-trip gate (toys.mini.vae_gate), its latent normalisation, the text encoders
-(CLIP trained briefly, T5 random), the transformer (full-parameter, the LoRA loop, 33 T5 rows with a
-pad bias), then FLUX.1-dev/ and FLUX.1-schnell/ (the same weights without the guidance embedder).
-About an hour on one CPU core (bench/RESULTS.md); the same command uses a GPU when there is one.
+(CLIP trained briefly, T5 random), the transformer in MiniSpec.phases (full-parameter, the LoRA loop,
+33 T5 rows with a pad bias, each phase on its own images from the last one's saved weights), then
+FLUX.1-dev/ and FLUX.1-schnell/ (the same weights without the guidance embedder). OUTPUT_DIR defaults
+to weights/flux-mini. Hours on one CPU core (bench/RESULTS.md); the same command uses a GPU when
+there is one.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from flux.loading import FluxModels, default_device
 from flux.variants import VARIANTS
 from toys.mini.clip_training import train_clip
+from toys.mini.resume import done_phases, load_build, read_build_info, spec_record
 from toys.mini.spec import DEFAULT_DIR, MiniSpec
 from toys.mini.text import build_text_encoders, build_tokenizers
 from toys.mini.transformer_training import (
@@ -53,11 +57,17 @@ def keep_freed_memory() -> None:
         pass  # not glibc: nothing to tune
 
 
-def build_flux_mini(output_dir: Path = DEFAULT_DIR, spec: MiniSpec | None = None) -> Path:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
+def build_flux_mini(
+    output_dir: Path = DEFAULT_DIR,
+    spec: MiniSpec | None = None,
+    resume: Path | None = None,
+    checkpoint_every: int = 0,
+) -> Path:
+    """resume: an earlier build of the same spec whose first phases are done: its VAE, text encoders
+    and transformer are taken and only the remaining phases run. checkpoint_every: also save the
+    transformer's EMA every so many steps under output_dir/checkpoints (bench/flux_mini_curve.py)."""
     spec = spec or MiniSpec()
-
+    output_dir = Path(output_dir)
     keep_freed_memory()
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -67,27 +77,21 @@ def build_flux_mini(output_dir: Path = DEFAULT_DIR, spec: MiniSpec | None = None
         timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
         log.info("stage %s done in %.0f s", name, timings[name])
 
-    world = dict(exclude=held_out_pairs(spec.held_out_seed), two_tone=spec.two_tone)
-    examples = generate_dataset(spec.images, seed=spec.seed, size=spec.image_size, **world)
-    examples += generate_dataset(spec.small_images, seed=spec.seed + 100, size=spec.small_side, **world)
-    images, captions = [e.image for e in examples], [e.caption for e in examples]
-    lap("dataset")
-
-    vae_examples = generate_dataset(
-        spec.vae_images, seed=spec.seed + 200, size=spec.image_size, two_tone=spec.two_tone
-    )
-    vae = build_vae(spec, spec.seed).to(device)
-    vae_losses, round_trip = train_checked_vae(vae, [e.image for e in vae_examples], spec)
-    set_latent_normalisation(vae.cpu(), images[: min(256, spec.images)])
-    lap("vae")
-
-    clip_tok, t5_tok = build_tokenizers()
-    clip, t5 = build_text_encoders(clip_tok, t5_tok, spec.clip_dim, spec.t5_dim, spec.seed, spec.clip_layers)
-    clip_accuracy = train_clip(
-        clip, clip_tok, captions, [e.attributes for e in examples], spec.clip_steps, spec.seed
-    )
-    lap("text")
-    dev_transformer = build_transformer(spec, guidance_embeds=True, seed=spec.seed + 1)
+    if resume is None:
+        earlier = None
+        first = phase_examples(spec, 0)
+        lap("dataset")
+        vae, clip, t5, clip_tok, t5_tok, report = _encoders(spec, first, device, lap)
+        dev_transformer = build_transformer(spec, guidance_embeds=True, seed=spec.seed + 1)
+        adaln_zero(dev_transformer)
+        phase_runs: list[dict] = []
+    else:
+        first = None
+        earlier = read_build_info(Path(resume))
+        phase_runs = done_phases(earlier, spec)
+        vae, clip, t5, clip_tok, t5_tok, dev_transformer = load_build(Path(resume))
+        report = {k: earlier[k] for k in ("vae_final_mse", "clip_accuracy", "vae_round_trip")}
+        log.info("resuming %s after %d phase(s)", resume, len(phase_runs))
     models = FluxModels(
         tokenizer=clip_tok,
         tokenizer_2=t5_tok,
@@ -99,12 +103,80 @@ def build_flux_mini(output_dir: Path = DEFAULT_DIR, spec: MiniSpec | None = None
         device=device,
         dtype=torch.float32,
     )
-    adaln_zero(dev_transformer)
-    samples = training_samples(spec, spec.images, spec.small_images)
-    run = train_transformer(models, images, captions, samples, spec, VARIANTS["dev"].max_sequence_length)
-    lap("transformer")
+    for index in range(len(phase_runs), len(spec.phases)):
+        phase = spec.phases[index]
+        examples = first if index == 0 else phase_examples(spec, index)
+        samples = training_samples(spec, phase.images, phase.small_images)
+        before = _samples_before(phase_runs)
+        checkpoints = _checkpointer(dev_transformer, output_dir, index, before, spec.batch, checkpoint_every)
+        run = train_transformer(
+            models,
+            [e.image for e in examples],
+            [e.caption for e in examples],
+            samples,
+            spec,
+            phase,
+            seed=spec.seed + index,
+            max_sequence_length=VARIANTS["dev"].max_sequence_length,
+            on_step=checkpoints,
+        )
+        as_saved(dev_transformer)  # what --resume would load: the next phase starts from exactly that
+        lap(f"transformer phase {index + 1}")
+        phase_runs.append(
+            dict(
+                phase=index + 1,
+                samples=phase.steps * spec.batch,
+                seconds=timings[f"transformer phase {index + 1}"],
+                final_loss=round(sum(run.losses[-50:]) / len(run.losses[-50:]), 4),
+                loss_curve=loss_curve(run.losses, spec.batch, start=before),
+            )
+        )
 
-    output_dir = Path(output_dir)
+    _save(output_dir, vae, clip, t5, clip_tok, t5_tok, dev_transformer, spec)
+    lap("save")
+    info = dict(
+        spec=spec_record(spec),
+        seconds=timings,
+        total_seconds=round(time.perf_counter() - started, 1),
+        device=str(device),
+        **report,
+        transformer_phases=phase_runs,
+        transformer_parameters=sum(p.numel() for p in dev_transformer.parameters()),
+        held_out_pairs=sorted(held_out_pairs(spec.held_out_seed)),
+    )
+    if earlier is not None:
+        info["resumed_from"] = dict(folder=str(resume), seconds=earlier["seconds"])
+    (output_dir / "build_info.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    log.info("flux-mini built in %.0f s: %s", info["total_seconds"], output_dir)
+    return output_dir
+
+
+def _encoders(spec: MiniSpec, first: list, device, lap):
+    """The VAE (trained and gated, with its latent normalisation) and the text encoders; `first`:
+    phase 1's examples, whose captions CLIP learns."""
+    vae_examples = generate_dataset(
+        spec.vae_images, seed=spec.seed + 200, size=spec.image_size, two_tone=spec.two_tone
+    )
+    vae = build_vae(spec, spec.seed).to(device)
+    vae_losses, round_trip = train_checked_vae(vae, [e.image for e in vae_examples], spec)
+    set_latent_normalisation(vae.cpu(), [e.image for e in first[: min(256, spec.phases[0].images)]])
+    lap("vae")
+    clip_tok, t5_tok = build_tokenizers()
+    clip, t5 = build_text_encoders(clip_tok, t5_tok, spec.clip_dim, spec.t5_dim, spec.seed, spec.clip_layers)
+    clip_accuracy = train_clip(
+        clip, clip_tok, [e.caption for e in first], [e.attributes for e in first], spec.clip_steps, spec.seed
+    )
+    lap("text")
+    report = dict(
+        vae_final_mse=round(sum(vae_losses[-50:]) / len(vae_losses[-50:]), 5),
+        clip_accuracy=clip_accuracy,
+        vae_round_trip=None if round_trip is None else dataclasses.asdict(round_trip),
+    )
+    return vae, clip, t5, clip_tok, t5_tok, report
+
+
+def _save(output_dir: Path, vae, clip, t5, clip_tok, t5_tok, dev_transformer, spec: MiniSpec) -> None:
+    """FLUX.1-dev/ and FLUX.1-schnell/ in diffusers layout, sharing the VAE and text encoders."""
     shared = dict(
         vae=vae.cpu(),
         text_encoder=clip.cpu(),
@@ -124,30 +196,57 @@ def build_flux_mini(output_dir: Path = DEFAULT_DIR, spec: MiniSpec | None = None
         folder = output_dir / VARIANTS[name].folder
         pipe.save_pretrained(folder, safe_serialization=True)
         log.info("wrote flux-mini %s to %s", name, folder)
-    lap("save")
-    info = dict(
-        spec={k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()},
-        seconds=timings,
-        total_seconds=round(time.perf_counter() - started, 1),
-        device=str(device),
-        vae_final_mse=round(sum(vae_losses[-50:]) / len(vae_losses[-50:]), 5),
-        clip_accuracy=clip_accuracy,
-        vae_round_trip=None if round_trip is None else dataclasses.asdict(round_trip),
-        transformer_final_loss=round(sum(run.losses[-50:]) / len(run.losses[-50:]), 4),
-        transformer_loss_curve=loss_curve(run.losses, spec.batch),
-        transformer_parameters=sum(p.numel() for p in dev_transformer.parameters()),
-        held_out_pairs=sorted(held_out_pairs(spec.held_out_seed)),
-    )
-    (output_dir / "build_info.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-    log.info("flux-mini built in %.0f s: %s", info["total_seconds"], output_dir)
-    return output_dir
+    dev_transformer.to(torch.float32)
 
 
-def loss_curve(losses: list[float], batch: int, points: int = 20) -> list[dict]:
-    """The mean loss over each of `points` equal stretches of training, against samples seen."""
+def phase_examples(spec: MiniSpec, index: int):
+    """Phase `index`'s images: its own draws of the world (phase 1 keeps the first builds' seeds),
+    at image_size then small_side, held-out pairs left out."""
+    phase = spec.phases[index]
+    seed = spec.seed + 1000 * index
+    world = dict(exclude=held_out_pairs(spec.held_out_seed), two_tone=spec.two_tone)
+    examples = generate_dataset(phase.images, seed=seed, size=spec.image_size, **world)
+    return examples + generate_dataset(phase.small_images, seed=seed + 100, size=spec.small_side, **world)
+
+
+def as_saved(transformer: torch.nn.Module) -> None:
+    """Round the weights through fp16, the dtype they are written in."""
+    with torch.no_grad():
+        for param in transformer.parameters():
+            param.copy_(param.to(torch.float16).to(param.dtype))
+
+
+def _samples_before(phase_runs: list[dict]) -> int:
+    return sum(run["samples"] for run in phase_runs)
+
+
+def _checkpointer(transformer, output_dir: Path, index: int, before: int, batch: int, every: int):
+    """An on_step callback that saves the EMA weights (fp16) every `every` steps and at the last."""
+    if not every:
+        return None
+    from safetensors.torch import save_file
+
+    folder = output_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def save(report) -> None:
+        if report.step % every and report.step != report.steps:
+            return
+        with report.averaged_weights():
+            state = {k: v.detach().to("cpu", torch.float16) for k, v in transformer.state_dict().items()}
+        name = f"phase{index + 1}-samples{before + report.step * batch:07d}.safetensors"
+        save_file(state, folder / name)
+        log.info("checkpoint %s", name)
+
+    return save
+
+
+def loss_curve(losses: list[float], batch: int, points: int = 20, start: int = 0) -> list[dict]:
+    """The mean loss over each of `points` equal stretches of training, against samples seen (the
+    earlier phases' `start` included)."""
     every = max(1, len(losses) // points)
     return [
-        {"samples": (i + every) * batch, "loss": round(sum(losses[i : i + every]) / every, 4)}
+        {"samples": start + (i + every) * batch, "loss": round(sum(losses[i : i + every]) / every, 4)}
         for i in range(0, len(losses) - every + 1, every)
     ]
 
@@ -159,9 +258,17 @@ def main() -> None:
     )
     parser.add_argument("output_dir", nargs="?", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--seed", type=int, default=MiniSpec.seed)
-    parser.add_argument("--steps", type=int, default=MiniSpec.steps, help="transformer training steps")
-    parser.add_argument("--images", type=int, default=MiniSpec.images, help="training images at 256 px")
-    parser.add_argument("--small-images", type=int, default=MiniSpec.small_images, help="at small_side")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        help="an earlier build of this spec (e.g. weights/flux-mini after phase 1): run only the phases it has not",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="save the EMA transformer every N steps (learning curve)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -171,13 +278,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    spec = MiniSpec(
-        seed=args.seed,
-        steps=args.steps,
-        images=args.images,
-        small_images=args.small_images,
-    )
-    print(build_flux_mini(args.output_dir, spec))
+    try:
+        print(build_flux_mini(args.output_dir, MiniSpec(seed=args.seed), args.resume, args.checkpoint_every))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 if __name__ == "__main__":

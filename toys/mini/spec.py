@@ -9,6 +9,16 @@ DEFAULT_DIR = Path(__file__).resolve().parents[2] / "weights" / "flux-mini"
 
 
 @dataclass(frozen=True)
+class TransformerPhase:
+    steps: int  # x MiniSpec.batch samples
+    images: int  # training images at MiniSpec.image_size
+    small_images: int  # and at MiniSpec.small_side (a step there costs ~1/3)
+    learning_rate: float  # the peak, after warmup_steps; cosine decay to 5 % at the last step
+    warmup_steps: int
+    high_noise_share: float  # of each batch drawn in (MiniSpec.high_noise_from, 1)
+
+
+@dataclass(frozen=True)
 class MiniSpec:
     # Images: 256 px is the smallest size the container accepts (custom 256x256), so the model is
     # trained at exactly that: 32x32 latents, 16x16 = 256 image tokens.
@@ -51,28 +61,47 @@ class MiniSpec:
     heads: int = 4
     head_dim: int = 32
     rope_axes: tuple[int, int, int] = (8, 12, 12)  # sums to head_dim
-    # Transformer training (full-parameter, through training.loop.train_parameters), on two buckets:
-    # `images` at image_size and `small_images` at small_side (a step there costs ~1/3).
-    images: int = 2400
-    small_images: int = 4800  # 2 of 3 batches at 128 px: ~0.15 s against ~0.42 s a step on one core
+    # Transformer training (full-parameter, through training.loop.train_parameters), in phases: each
+    # a run of its own (its images, a fresh optimizer, warm-up and cosine decay, a fresh EMA) that
+    # starts from the previous phase's saved weights (fp16, the EMA), so a build can resume after
+    # any phase (build.py --resume) and give what the whole build gives.
+    phases: tuple[TransformerPhase, ...] = (
+        # 64k samples, 2 of 3 batches at 128 px: colour and background learned, shapes barely (17 %).
+        TransformerPhase(
+            steps=8000,
+            images=2400,
+            small_images=4800,
+            learning_rate=1.5e-3,
+            warmup_steps=200,
+            high_noise_share=0.5,
+        ),
+        # Shapes need more samples at the size that shows their outline (issue 13 estimates
+        # ~150-200k in all): 4 of 5 batches at 256 px, fresh images, and more draws at the middle
+        # noise levels, where the outline is decided (the colour is, by now, learned). 48k samples,
+        # ~40 min on one core: what one session could spend on it.
+        TransformerPhase(
+            steps=6000,
+            images=4000,
+            small_images=1000,
+            learning_rate=1e-3,
+            warmup_steps=200,
+            high_noise_share=0.3,
+        ),
+    )
     small_side: int = 128
     two_tone: float = 0.0  # share of two-tone backgrounds: their captions do not say how they split
-    steps: int = 8000  # x batch 8 = 64k samples, ~32 min on one core
     batch: int = 8
-    learning_rate: float = 1.5e-3
-    warmup_steps: int = 200
     ema_decay: float | None = 0.999
     # T5 rows the transformer trains on: the first short_text_tokens plus the last one; the pads they
     # stand for get an attention bias (toys.mini.short_text), so training computes what serving at
-    # the full 512 (dev) computes, at a fraction of the cost: no second, full-length phase.
+    # the full 512 (dev) computes, at a fraction of the cost: no full-length training.
     short_text_tokens: int = 32
     caption_dropout: float = 0.1
     # Noise levels: the LoRA recipe's sigmoid-normal draws put under 1 % of samples above t = 0.95,
     # but on these flat images only there does the text matter (below, the noisy latent already shows
     # the colours), and dev's first sampling steps are there. Without these draws the transformer
     # learned to ignore the prompt (issue 5, bench/RESULTS.md). This share of each batch is drawn
-    # uniformly in (high_noise_from, 1) instead.
-    high_noise_share: float = 0.5
+    # uniformly in (high_noise_from, 1) instead (TransformerPhase.high_noise_share).
     high_noise_from: float = 0.85
     seed: int = 0
     held_out_seed: int = 0  # held_out_pairs(held_out_seed) never appear in training

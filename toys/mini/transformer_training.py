@@ -17,11 +17,11 @@ import torch
 
 from flux.loading import FluxModels
 from toys.mini.short_text import full_length_attention, shortened
-from toys.mini.spec import MiniSpec
+from toys.mini.spec import MiniSpec, TransformerPhase
 from training.buckets import Sample
 from training.cache import build_cache
 from training.config import TrainingConfig
-from training.loop import LoopResult, TimestepSampler, train_parameters
+from training.loop import LoopResult, StepCallback, TimestepSampler, train_parameters
 from training.recipe import sample_timesteps
 
 log = logging.getLogger(__name__)
@@ -109,23 +109,44 @@ def train_transformer(
     captions: list[str],
     samples: list[Sample],
     spec: MiniSpec,
+    phase: TransformerPhase,
+    seed: int,
     max_sequence_length: int,
+    on_step: StepCallback | None = None,
 ) -> LoopResult:
-    """Full-parameter flow-matching training of models.transformers['dev'] on (image, caption) pairs,
-    one sample per image at its bucket size (training_samples)."""
+    """One phase of full-parameter flow-matching training of models.transformers['dev'] on (image,
+    caption) pairs, one sample per image at its bucket size (training_samples)."""
     transformer = models.transformers["dev"]
     # T5 at the length dev reads at inference (512), then cut to the first rows plus the last one;
     # full_length_attention biases the kept pads so each step attends as the 512-row prompt would.
     cache = build_cache(models, images, captions, samples, max_sequence_length, folder=None)
     with full_length_attention(transformer, max_sequence_length):
-        return _train(transformer, shortened(cache, spec.short_text_tokens), samples, spec, models)
+        return _train(
+            transformer,
+            shortened(cache, spec.short_text_tokens),
+            samples,
+            spec,
+            phase,
+            seed,
+            models.scheduler_configs["dev"],
+            on_step,
+        )
 
 
-def _train(transformer, cache, samples, spec: MiniSpec, models: FluxModels) -> LoopResult:
+def _train(
+    transformer,
+    cache,
+    samples,
+    spec: MiniSpec,
+    phase: TransformerPhase,
+    seed: int,
+    scheduler_config: dict,
+    on_step: StepCallback | None = None,
+) -> LoopResult:
     config = TrainingConfig(
         trigger_word="",
-        steps=spec.steps,
-        learning_rate=spec.learning_rate,
+        steps=phase.steps,
+        learning_rate=phase.learning_rate,
         batch_size=spec.batch,
         resolutions=tuple(sorted({s.resolution for s in samples})),
         lora_rank=1,  # unused in full-parameter mode
@@ -134,7 +155,7 @@ def _train(transformer, cache, samples, spec: MiniSpec, models: FluxModels) -> L
         cache_latents_to_disk=False,
         layers_to_optimize_regex=None,
         gradient_checkpointing=False,
-        seed=spec.seed,
+        seed=seed,
         hf_repo_id=None,
     )
     return train_parameters(
@@ -143,12 +164,13 @@ def _train(transformer, cache, samples, spec: MiniSpec, models: FluxModels) -> L
         cache,
         samples,
         config,
-        models.scheduler_configs["dev"],
+        scheduler_config,
         log_every=50,
-        lr_schedule=warmup_cosine(max(1, spec.warmup_steps), spec.steps),
-        timesteps=high_noise_timesteps(spec.high_noise_share, spec.high_noise_from),
+        lr_schedule=warmup_cosine(max(1, phase.warmup_steps), phase.steps),
+        timesteps=high_noise_timesteps(phase.high_noise_share, spec.high_noise_from),
         what="every flux-mini transformer weight",
         ema_decay=spec.ema_decay,
+        on_step=on_step,
     )
 
 

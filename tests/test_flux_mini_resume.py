@@ -1,0 +1,63 @@
+"""flux-mini's build resumes after a phase (build.py --resume) and gives what the whole build gives,
+so the committed weights can be carried on instead of rebuilt; a build of another spec is refused."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.test_flux_mini import quick_spec
+
+
+def dev_weights(folder: Path) -> dict:
+    return load_file(next((folder / "FLUX.1-dev" / "transformer").glob("*.safetensors")))
+
+
+def test_resumed_build_equals_the_whole_build(tmp_path):
+    from toys.mini.build import build_flux_mini
+
+    whole = build_flux_mini(tmp_path / "whole", quick_spec())
+    first = build_flux_mini(tmp_path / "first", quick_spec(phases=1))
+    resumed = build_flux_mini(tmp_path / "resumed", quick_spec(), resume=first, checkpoint_every=1)
+
+    expected, got = dev_weights(whole), dev_weights(resumed)
+    assert expected.keys() == got.keys()
+    assert all((expected[k] == got[k]).all() for k in expected), "resuming changed the weights"
+    info = json.loads((resumed / "build_info.json").read_text())
+    assert [run["phase"] for run in info["transformer_phases"]] == [1, 2]
+    assert info["transformer_phases"][1]["loss_curve"][-1]["samples"] == (3 + 2) * 8
+    assert info["resumed_from"]["folder"] == str(first)
+    # The learning-curve checkpoints: the EMA after each step of phase 2, samples counted from the start.
+    names = sorted(p.name for p in (resumed / "checkpoints").iterdir())
+    assert names == ["phase2-samples0000032.safetensors", "phase2-samples0000040.safetensors"]
+    assert all((load_file(resumed / "checkpoints" / names[-1])[k] == got[k]).all() for k in got)
+
+
+def test_resume_refuses_another_spec_or_a_finished_build(tmp_path):
+    from toys.mini.build import build_flux_mini
+
+    first = build_flux_mini(tmp_path / "first", quick_spec(phases=1))
+    with pytest.raises(ValueError, match=r"differs from this one in \['clip_steps'\]"):
+        build_flux_mini(tmp_path / "x", dataclasses.replace(quick_spec(), clip_steps=6), resume=first)
+    with pytest.raises(ValueError, match="nothing to run"):
+        build_flux_mini(tmp_path / "y", quick_spec(phases=1), resume=first)
+    with pytest.raises(ValueError, match="no build_info.json"):
+        build_flux_mini(tmp_path / "z", quick_spec(), resume=tmp_path)
+
+
+def test_a_build_from_before_phases_counts_as_its_first_phase():
+    """The first committed builds kept their one phase's numbers at the top of the spec."""
+    from toys.mini.resume import done_phases, spec_record
+    from toys.mini.spec import MiniSpec
+
+    spec = MiniSpec()
+    record = spec_record(spec)
+    record.update(record.pop("phases")[0])
+    curve = [{"samples": 64000, "loss": 0.1}]
+    earlier = dict(
+        spec=record, seconds={"transformer": 9.0}, transformer_final_loss=0.1, transformer_loss_curve=curve
+    )
+    runs = done_phases(earlier, spec)
+    assert runs == [dict(phase=1, samples=64000, seconds=9.0, final_loss=0.1, loss_curve=curve)]
