@@ -55,9 +55,20 @@ def test_a_build_from_before_phases_counts_as_its_first_phase():
     spec = MiniSpec()
     record = spec_record(spec)
     record.update(record.pop("phases")[0])
+    spec = dataclasses.replace(spec, phases=spec.phases * 2)  # a second phase to run
     curve = [{"samples": 64000, "loss": 0.1}]
     earlier = dict(
         spec=record, seconds={"transformer": 9.0}, transformer_final_loss=0.1, transformer_loss_curve=curve
     )
     runs = done_phases(earlier, spec)
     assert runs == [dict(phase=1, samples=64000, seconds=9.0, final_loss=0.1, loss_curve=curve)]
+
+
+def test_the_committed_weights_are_the_default_spec_built():
+    from toys.mini.resume import done_phases, read_build_info
+    from toys.mini.spec import DEFAULT_DIR, MiniSpec
+
+    if not (DEFAULT_DIR / "build_info.json").is_file():
+        pytest.skip("weights/flux-mini is not committed in this checkout")
+    with pytest.raises(ValueError, match="nothing to run"):
+        done_phases(read_build_info(DEFAULT_DIR), MiniSpec())

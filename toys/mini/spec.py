@@ -64,7 +64,7 @@ class MiniSpec:
     # Transformer training (full-parameter, through training.loop.train_parameters), in phases: each
     # a run of its own (its images, a fresh optimizer, warm-up and cosine decay, a fresh EMA) that
     # starts from the previous phase's saved weights (fp16, the EMA), so a build can resume after
-    # any phase (build.py --resume) and give what the whole build gives.
+    # any phase (build.py --resume) and give what the whole build gives. weights/flux-mini is these.
     phases: tuple[TransformerPhase, ...] = (
         # 64k samples, 2 of 3 batches at 128 px: colour and background learned, shapes barely (17 %).
         TransformerPhase(
@@ -75,18 +75,8 @@ class MiniSpec:
             warmup_steps=200,
             high_noise_share=0.5,
         ),
-        # Shapes need more samples at the size that shows their outline (issue 13 estimates
-        # ~150-200k in all): 4 of 5 batches at 256 px, fresh images, and more draws at the middle
-        # noise levels, where the outline is decided (the colour is, by now, learned). 48k samples,
-        # ~40 min on one core: what one session could spend on it.
-        TransformerPhase(
-            steps=6000,
-            images=4000,
-            small_images=1000,
-            learning_rate=1e-3,
-            warmup_steps=200,
-            high_noise_share=0.3,
-        ),
+        # A second phase (48k samples, 4 of 5 batches at 256 px, 30 % high-noise draws) left shape at
+        # chance (bench/RESULTS.md, 2026-12-02 evening): more samples of this recipe do not draw outlines.
     )
     small_side: int = 128
     two_tone: float = 0.0  # share of two-tone backgrounds: their captions do not say how they split
