@@ -26,13 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from toys.mini import quality  # noqa: E402
 from toys.mini.build import keep_freed_memory  # noqa: E402
+from toys.mini.resume import phase_runs  # noqa: E402
 from toys.mini.spec import DEFAULT_DIR  # noqa: E402
-from toys.shapes import held_out_prompts  # noqa: E402
-
-
-def held_out(count: int) -> list[tuple[str, str, str]]:
-    examples = held_out_prompts(count, seed=0, size=quality.SIDE, two_tone=0.0)
-    return [(e.caption, e.attributes.color, e.attributes.shape) for e in examples]
 
 
 def load_models(folder: Path):
@@ -44,9 +39,7 @@ def load_models(folder: Path):
 
 def samples_seen(build: Path) -> int:
     info = json.loads((build / "build_info.json").read_text(encoding="utf-8"))
-    if "transformer_phases" in info:
-        return sum(run["samples"] for run in info["transformer_phases"])
-    return info["transformer_loss_curve"][-1]["samples"]  # a build from before phases
+    return sum(run["samples"] for run in phase_runs(info)[1])
 
 
 def score(models, prompts, label: str, samples: int | None) -> None:
@@ -70,7 +63,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     os.environ.setdefault("FLUX_ALLOW_DOWNLOAD", "0")
-    prompts = held_out(args.prompts)
+    prompts = quality.prompts_of(quality.held_out_examples(args.prompts))
     from safetensors.torch import load_file
 
     models = load_models(args.weights)

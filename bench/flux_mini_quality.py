@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toys.mini import quality  # noqa: E402
 from toys.mini.build import keep_freed_memory  # noqa: E402
 from toys.shape_scorer import score_image  # noqa: E402
-from toys.shapes import COLORS, held_out_pairs, held_out_prompts, sample_attributes  # noqa: E402
+from toys.shapes import COLORS, held_out_pairs, sample_attributes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,10 +50,8 @@ def known_prompts(count: int, seed: int) -> list[tuple[str, str, str]]:
 
 
 def text_to_image(models, count: int) -> dict:
-    # Plain backgrounds: flux-mini's world has no two-tone ones since issue 13 (MiniSpec.two_tone).
-    examples = held_out_prompts(count, seed=0, size=quality.SIDE, two_tone=0.0)
-    prompts = [(e.caption, e.attributes.color, e.attributes.shape) for e in examples]
-    held, scores = quality.accuracy(models, prompts, seed=1000)
+    examples = quality.held_out_examples(count)
+    held, scores = quality.accuracy(models, quality.prompts_of(examples), seed=1000)
     background = np.mean(
         [s.background == e.attributes.background for s, e in zip(scores, examples, strict=True)]
     )

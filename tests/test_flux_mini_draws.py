@@ -32,10 +32,9 @@ def models():
 
 def test_held_out_prompts_get_their_colour(models):
     from toys.mini import quality
-    from toys.shapes import held_out_prompts
 
-    examples = held_out_prompts(6, seed=0, size=quality.SIDE, two_tone=0.0)
-    prompts = [(e.caption, e.attributes.color, e.attributes.shape) for e in examples]
+    examples = quality.held_out_examples(6)
+    prompts = quality.prompts_of(examples)
     result, scores = quality.accuracy(models, prompts, seed=1000)
     assert result.color >= 4 / 6, [
         (p, s.color, s.shape) for (p, _, _), s in zip(prompts, scores, strict=True)
@@ -62,9 +61,8 @@ def test_the_server_draws_held_out_prompts(mini_server):
     from tests.test_server_predict import decode, succeeded
     from toys.mini import quality
     from toys.shape_scorer import score_image
-    from toys.shapes import held_out_prompts
 
-    examples = held_out_prompts(6, seed=0, size=quality.SIDE, two_tone=0.0)  # the library test's
+    examples = quality.held_out_examples(6)  # the library test's
     scores = []
     for index, example in enumerate(examples):
         output = succeeded(

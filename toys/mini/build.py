@@ -107,7 +107,7 @@ def build_flux_mini(
         phase = spec.phases[index]
         examples = first if index == 0 else phase_examples(spec, index)
         samples = training_samples(spec, phase.images, phase.small_images)
-        before = _samples_before(phase_runs)
+        before = sum(run["samples"] for run in phase_runs)  # the earlier phases' samples
         checkpoints = _checkpointer(dev_transformer, output_dir, index, before, spec.batch, checkpoint_every)
         run = train_transformer(
             models,
@@ -214,10 +214,6 @@ def as_saved(transformer: torch.nn.Module) -> None:
     with torch.no_grad():
         for param in transformer.parameters():
             param.copy_(param.to(torch.float16).to(param.dtype))
-
-
-def _samples_before(phase_runs: list[dict]) -> int:
-    return sum(run["samples"] for run in phase_runs)
 
 
 def _checkpointer(transformer, output_dir: Path, index: int, before: int, batch: int, every: int):

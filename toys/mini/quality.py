@@ -19,7 +19,7 @@ from flux.generate import generate
 from flux.loading import FluxModels
 from flux.request import build_request
 from toys.shape_scorer import Score, score_image
-from toys.shapes import Attributes, generate_concept_dataset, render, write_dataset
+from toys.shapes import Attributes, Example, generate_concept_dataset, held_out_prompts, render, write_dataset
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,17 @@ class Accuracy:
     color: float  # share of images whose scored colour is the prompted one
     shape: float  # share whose scored shape is the prompted one
     count: int
+
+
+def held_out_examples(count: int) -> list[Example]:
+    """The held-out colour/shape prompts every flux-mini check draws: plain backgrounds, the world
+    flux-mini trains on (no two-tone ones since issue 13)."""
+    return held_out_prompts(count, seed=0, size=SIDE, two_tone=0.0)
+
+
+def prompts_of(examples: list[Example]) -> list[tuple[str, str, str]]:
+    """(prompt, colour, shape) triples, as accuracy() takes them."""
+    return [(e.caption, e.attributes.color, e.attributes.shape) for e in examples]
 
 
 def draw(models: FluxModels, prompt: str, seed: int, model: str = "dev", steps: int | None = None, **extra):

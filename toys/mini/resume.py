@@ -29,23 +29,27 @@ def read_build_info(folder: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def phase_runs(info: dict) -> tuple[dict, list[dict]]:
+    """A build_info's spec record and the records of the phases it ran, builds from before phases
+    read as their phase 1."""
+    record = dict(info["spec"])
+    if "phases" in record:
+        return record, info["transformer_phases"]
+    phase = {name: record.pop(name) for name in _SINGLE_PHASE_FIELDS}
+    record["phases"] = [phase]
+    run = dict(
+        phase=1,
+        samples=phase["steps"] * record["batch"],
+        seconds=info["seconds"]["transformer"],
+        final_loss=info["transformer_final_loss"],
+        loss_curve=info["transformer_loss_curve"],
+    )
+    return record, [run]
+
+
 def done_phases(earlier: dict, spec: MiniSpec) -> list[dict]:
     """The earlier build's phase records, after checking it is the start of `spec`'s build."""
-    record = dict(earlier["spec"])
-    if "phases" in record:
-        runs = earlier["transformer_phases"]
-    else:
-        phase = {name: record.pop(name) for name in _SINGLE_PHASE_FIELDS}
-        record["phases"] = [phase]
-        runs = [
-            dict(
-                phase=1,
-                samples=phase["steps"] * record["batch"],
-                seconds=earlier["seconds"]["transformer"],
-                final_loss=earlier["transformer_final_loss"],
-                loss_curve=earlier["transformer_loss_curve"],
-            )
-        ]
+    record, runs = phase_runs(earlier)
     wanted = spec_record(spec)
     done = record.pop("phases")
     differing = sorted(k for k in wanted.keys() - {"phases"} if record.get(k) != wanted[k])
