@@ -318,13 +318,14 @@ def generate_example(
 
 def generate_dataset(
     n: int,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     size: int = DEFAULT_SIZE,
     exclude: Iterable[tuple[str, str]] = (),
     drop: float = _DEFAULT_DROP,
     two_tone: float = _TWO_TONE_PROB,
 ) -> list[Example]:
-    """`n` captioned images, none showing a (colour, shape) pair in `exclude`. Deterministic."""
+    """`n` captioned images, none showing a (colour, shape) pair in `exclude`. Deterministic; `seed`
+    is anything numpy's default_rng takes (a tuple for one chunk of a larger draw, toys.mini.dataset)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise UserInputError("n", n, "a whole number of images, 0 or more")
     pairs = allowed_pairs(exclude)  # validates once, not per image

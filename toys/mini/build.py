@@ -1,14 +1,16 @@
 """Train flux-mini from scratch and write it in diffusers layout:
 
-    python -m toys.mini.build [OUTPUT_DIR] [--seed 0] [--resume EARLIER] [--checkpoint-every N]
+    python -m toys.mini.build [OUTPUT_DIR] [--seed 0] [--steps N] [--set FIELD=VALUE ...]
+                              [--resume EARLIER] [--checkpoint-every N] [--workers N]
 
 Stages: the shapes datasets (256 and 128 px, plain backgrounds, held-out colour/shape pairs left out),
 the VAE and its round-trip gate (toys.mini.vae_gate), its latent normalisation, the text encoders
 (CLIP trained briefly, T5 random), the transformer in MiniSpec.phases (full-parameter, the LoRA loop,
 33 T5 rows with a pad bias, each phase on its own images from the last one's saved weights), then
 FLUX.1-dev/ and FLUX.1-schnell/ (the same weights without the guidance embedder). OUTPUT_DIR defaults
-to weights/flux-mini. Hours on one CPU core (bench/RESULTS.md); the same command uses a GPU when
-there is one.
+to weights/flux-mini. The same command uses a GPU when there is one: minutes there, a day on one CPU
+core (bench/RESULTS.md). --steps and --set change the spec (recorded in build_info.json); --workers
+only how many processes draw the images, never which images.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from flux.loading import FluxModels, default_device
 from flux.variants import VARIANTS
 from toys.mini.clip_training import train_clip
+from toys.mini.dataset import draw_examples
 from toys.mini.resume import done_phases, load_build, read_build_info, spec_record
-from toys.mini.spec import DEFAULT_DIR, MiniSpec
+from toys.mini.spec import DEFAULT_DIR, MiniSpec, with_overrides
 from toys.mini.text import build_text_encoders, build_tokenizers
 from toys.mini.transformer_training import (
     adaln_zero,
@@ -39,7 +42,7 @@ from toys.mini.transformer_training import (
 )
 from toys.mini.vae_gate import train_checked_vae
 from toys.mini.vae_training import build_vae, set_latent_normalisation
-from toys.shapes import generate_dataset, held_out_pairs
+from toys.shapes import held_out_pairs
 from toys.tiny import SCHEDULERS
 
 log = logging.getLogger(__name__)
@@ -62,10 +65,12 @@ def build_flux_mini(
     spec: MiniSpec | None = None,
     resume: Path | None = None,
     checkpoint_every: int = 0,
+    workers: int = 1,
 ) -> Path:
     """resume: an earlier build of the same spec whose first phases are done: its VAE, text encoders
     and transformer are taken and only the remaining phases run. checkpoint_every: also save the
-    transformer's EMA every so many steps under output_dir/checkpoints (bench/flux_mini_curve.py)."""
+    transformer's EMA every so many steps under output_dir/checkpoints (bench/flux_mini_curve.py).
+    workers: processes that draw the images (the same images whatever the number)."""
     spec = spec or MiniSpec()
     output_dir = Path(output_dir)
     keep_freed_memory()
@@ -79,9 +84,9 @@ def build_flux_mini(
 
     if resume is None:
         earlier = None
-        first = phase_examples(spec, 0)
+        first = phase_examples(spec, 0, workers)
         lap("dataset")
-        vae, clip, t5, clip_tok, t5_tok, report = _encoders(spec, first, device, lap)
+        vae, clip, t5, clip_tok, t5_tok, report = _encoders(spec, first, device, lap, workers)
         dev_transformer = build_transformer(spec, guidance_embeds=True, seed=spec.seed + 1)
         adaln_zero(dev_transformer)
         phase_runs: list[dict] = []
@@ -105,7 +110,7 @@ def build_flux_mini(
     )
     for index in range(len(phase_runs), len(spec.phases)):
         phase = spec.phases[index]
-        examples = first if index == 0 else phase_examples(spec, index)
+        examples = first if index == 0 else phase_examples(spec, index, workers)
         samples = training_samples(spec, phase.images, phase.small_images)
         before = sum(run["samples"] for run in phase_runs)  # the earlier phases' samples
         checkpoints = _checkpointer(dev_transformer, output_dir, index, before, spec.batch, checkpoint_every)
@@ -138,7 +143,8 @@ def build_flux_mini(
         spec=spec_record(spec),
         seconds=timings,
         total_seconds=round(time.perf_counter() - started, 1),
-        device=str(device),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        torch=torch.__version__,
         **report,
         transformer_phases=phase_runs,
         transformer_parameters=sum(p.numel() for p in dev_transformer.parameters()),
@@ -151,12 +157,10 @@ def build_flux_mini(
     return output_dir
 
 
-def _encoders(spec: MiniSpec, first: list, device, lap):
+def _encoders(spec: MiniSpec, first: list, device, lap, workers: int = 1):
     """The VAE (trained and gated, with its latent normalisation) and the text encoders; `first`:
     phase 1's examples, whose captions CLIP learns."""
-    vae_examples = generate_dataset(
-        spec.vae_images, seed=spec.seed + 200, size=spec.image_size, two_tone=spec.two_tone
-    )
+    vae_examples = draw_examples(spec.vae_images, spec.seed + 200, spec.image_size, workers, two_tone=spec.two_tone)
     vae = build_vae(spec, spec.seed).to(device)
     vae_losses, round_trip = train_checked_vae(vae, [e.image for e in vae_examples], spec)
     set_latent_normalisation(vae.cpu(), [e.image for e in first[: min(256, spec.phases[0].images)]])
@@ -199,14 +203,14 @@ def _save(output_dir: Path, vae, clip, t5, clip_tok, t5_tok, dev_transformer, sp
     dev_transformer.to(torch.float32)
 
 
-def phase_examples(spec: MiniSpec, index: int):
-    """Phase `index`'s images: its own draws of the world (phase 1 keeps the first builds' seeds),
-    at image_size then small_side, held-out pairs left out."""
+def phase_examples(spec: MiniSpec, index: int, workers: int = 1):
+    """Phase `index`'s images: its own draws of the world, at image_size then small_side, held-out
+    pairs left out."""
     phase = spec.phases[index]
     seed = spec.seed + 1000 * index
-    world = dict(exclude=held_out_pairs(spec.held_out_seed), two_tone=spec.two_tone)
-    examples = generate_dataset(phase.images, seed=seed, size=spec.image_size, **world)
-    return examples + generate_dataset(phase.small_images, seed=seed + 100, size=spec.small_side, **world)
+    world = dict(exclude=held_out_pairs(spec.held_out_seed), two_tone=spec.two_tone, workers=workers)
+    examples = draw_examples(phase.images, seed, spec.image_size, **world)
+    return examples + draw_examples(phase.small_images, seed + 100, spec.small_side, **world)
 
 
 def as_saved(transformer: torch.nn.Module) -> None:
@@ -255,6 +259,17 @@ def main() -> None:
     parser.add_argument("output_dir", nargs="?", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--seed", type=int, default=MiniSpec.seed)
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change a number of the spec: a MiniSpec field (double_blocks=3) or phase.FIELD of the last "
+        "transformer phase (phase.steps=8000); recorded in build_info.json",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes drawing the images (never changes which images)"
+    )
+    parser.add_argument(
         "--resume",
         type=Path,
         help="an earlier build of this spec (e.g. weights/flux-mini after phase 1): run only the phases it has not",
@@ -274,8 +289,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if torch.cuda.is_available():
+        # TF32 matrix products: fp32 training at tensor-core speed; a build is still one seed's result.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
-        print(build_flux_mini(args.output_dir, MiniSpec(seed=args.seed), args.resume, args.checkpoint_every))
+        spec = with_overrides(MiniSpec(seed=args.seed), args.set)
+        print(build_flux_mini(args.output_dir, spec, args.resume, args.checkpoint_every, args.workers))
     except ValueError as error:
         raise SystemExit(str(error)) from None
 

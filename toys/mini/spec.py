@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,21 +67,20 @@ class MiniSpec:
     # starts from the previous phase's saved weights (fp16, the EMA), so a build can resume after
     # any phase (build.py --resume) and give what the whole build gives. weights/flux-mini is these.
     phases: tuple[TransformerPhase, ...] = (
-        # 64k samples, 2 of 3 batches at 128 px: colour and background learned, shapes barely (17 %).
+        # The GPU recipe (issue 13, bench/RESULTS.md 2026-12-04): every batch at 256 px, 16x the samples
+        # of the CPU builds (64k samples, 2 of 3 batches at 128 px: colour learned, shape at chance).
         TransformerPhase(
             steps=8000,
-            images=2400,
-            small_images=4800,
-            learning_rate=1.5e-3,
-            warmup_steps=200,
-            high_noise_share=0.5,
+            images=8000,
+            small_images=0,
+            learning_rate=1e-3,
+            warmup_steps=300,
+            high_noise_share=0.3,
         ),
-        # A second phase (48k samples, 4 of 5 batches at 256 px, 30 % high-noise draws) left shape at
-        # chance (bench/RESULTS.md, 2026-12-02 evening): more samples of this recipe do not draw outlines.
     )
     small_side: int = 128
     two_tone: float = 0.0  # share of two-tone backgrounds: their captions do not say how they split
-    batch: int = 8
+    batch: int = 128
     ema_decay: float | None = 0.999
     # T5 rows the transformer trains on: the first short_text_tokens plus the last one; the pads they
     # stand for get an attention bias (toys.mini.short_text), so training computes what serving at
@@ -95,3 +95,24 @@ class MiniSpec:
     high_noise_from: float = 0.85
     seed: int = 0
     held_out_seed: int = 0  # held_out_pairs(held_out_seed) never appear in training
+
+
+def with_overrides(spec: MiniSpec, settings: list[str]) -> MiniSpec:
+    """`spec` with FIELD=VALUE settings applied (build.py --set): a number field of MiniSpec, or
+    phase.FIELD for the last transformer phase. Unknown fields and non-numbers are refused by name."""
+    phase = spec.phases[-1]
+    top: dict[str, float | int] = {}
+    last: dict[str, float | int] = {}
+    for setting in settings:
+        name, _, text = setting.partition("=")
+        target, fields, field = (last, phase, name[6:]) if name.startswith("phase.") else (top, spec, name)
+        current = getattr(fields, field, None) if field in {f.name for f in dataclasses.fields(fields)} else None
+        if not isinstance(current, int | float) or isinstance(current, bool):
+            raise ValueError(f"--set {setting}: {name} is not a number field of the spec")
+        try:
+            target[field] = type(current)(text)
+        except ValueError:
+            raise ValueError(f"--set {setting}: {name} takes a {type(current).__name__}") from None
+    if last:
+        top["phases"] = (*spec.phases[:-1], dataclasses.replace(phase, **last))
+    return dataclasses.replace(spec, **top)
