@@ -66,11 +66,16 @@ def build_flux_mini(
     resume: Path | None = None,
     checkpoint_every: int = 0,
     workers: int = 1,
+    encoders_from: Path | None = None,
+    finish_within: float | None = None,
 ) -> Path:
     """resume: an earlier build of the same spec whose first phases are done: its VAE, text encoders
     and transformer are taken and only the remaining phases run. checkpoint_every: also save the
     transformer's EMA every so many steps under output_dir/checkpoints (bench/flux_mini_curve.py).
-    workers: processes that draw the images (the same images whatever the number)."""
+    workers: processes that draw the images (the same images whatever the number). encoders_from: an
+    earlier build whose VAE and text encoders are taken as they are (a fresh transformer is trained on
+    them: the GPU build of issue 13). finish_within: seconds; the last phase's steps are cut so the
+    build ends by then, and the spec recorded is the one run."""
     spec = spec or MiniSpec()
     output_dir = Path(output_dir)
     keep_freed_memory()
@@ -86,7 +91,13 @@ def build_flux_mini(
         earlier = None
         first = phase_examples(spec, 0, workers)
         lap("dataset")
-        vae, clip, t5, clip_tok, t5_tok, report = _encoders(spec, first, device, lap, workers)
+        if encoders_from is None:
+            vae, clip, t5, clip_tok, t5_tok, report = _encoders(spec, first, device, lap, workers)
+        else:
+            vae, clip, t5, clip_tok, t5_tok, _ = load_build(Path(encoders_from))
+            source = read_build_info(Path(encoders_from))
+            report = {k: source[k] for k in ("vae_final_mse", "clip_accuracy", "vae_round_trip")}
+            report["encoders_from"] = dict(folder=str(encoders_from), spec=source["spec"], seconds=source["seconds"])
         dev_transformer = build_transformer(spec, guidance_embeds=True, seed=spec.seed + 1)
         adaln_zero(dev_transformer)
         phase_runs: list[dict] = []
@@ -114,7 +125,9 @@ def build_flux_mini(
         samples = training_samples(spec, phase.images, phase.small_images)
         before = sum(run["samples"] for run in phase_runs)  # the earlier phases' samples
         checkpoints = _checkpointer(dev_transformer, output_dir, index, before, spec.batch, checkpoint_every)
-        run = train_transformer(
+        last = index == len(spec.phases) - 1
+        finish_by = started + finish_within - SAVE_SECONDS if finish_within and last else None
+        run, phase = train_transformer(
             models,
             [e.image for e in examples],
             [e.caption for e in examples],
@@ -124,7 +137,9 @@ def build_flux_mini(
             seed=spec.seed + index,
             max_sequence_length=VARIANTS["dev"].max_sequence_length,
             on_step=checkpoints,
+            finish_by=finish_by,
         )
+        spec = dataclasses.replace(spec, phases=(*spec.phases[:index], phase, *spec.phases[index + 1 :]))
         as_saved(dev_transformer)  # what --resume would load: the next phase starts from exactly that
         lap(f"transformer phase {index + 1}")
         phase_runs.append(
@@ -155,6 +170,9 @@ def build_flux_mini(
     (output_dir / "build_info.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     log.info("flux-mini built in %.0f s: %s", info["total_seconds"], output_dir)
     return output_dir
+
+
+SAVE_SECONDS = 15.0  # kept for writing both variants when a build must finish in time
 
 
 def _encoders(spec: MiniSpec, first: list, device, lap, workers: int = 1):
@@ -270,6 +288,16 @@ def main() -> None:
         "--workers", type=int, default=1, help="processes drawing the images (never changes which images)"
     )
     parser.add_argument(
+        "--encoders-from",
+        type=Path,
+        help="an earlier build whose VAE and text encoders are used as they are (only a transformer is trained)",
+    )
+    parser.add_argument(
+        "--finish-within",
+        type=float,
+        help="seconds: cut the last phase's steps (timed on a throwaway copy) so the build ends in time",
+    )
+    parser.add_argument(
         "--resume",
         type=Path,
         help="an earlier build of this spec (e.g. weights/flux-mini after phase 1): run only the phases it has not",
@@ -294,7 +322,16 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         spec = with_overrides(MiniSpec(seed=args.seed), args.set)
-        print(build_flux_mini(args.output_dir, spec, args.resume, args.checkpoint_every, args.workers))
+        folder = build_flux_mini(
+            args.output_dir,
+            spec,
+            args.resume,
+            args.checkpoint_every,
+            args.workers,
+            encoders_from=args.encoders_from,
+            finish_within=args.finish_within,
+        )
+        print(folder)
     except ValueError as error:
         raise SystemExit(str(error)) from None
 

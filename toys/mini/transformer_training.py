@@ -113,24 +113,45 @@ def train_transformer(
     seed: int,
     max_sequence_length: int,
     on_step: StepCallback | None = None,
-) -> LoopResult:
+    finish_by: float | None = None,
+) -> tuple[LoopResult, TransformerPhase]:
     """One phase of full-parameter flow-matching training of models.transformers['dev'] on (image,
-    caption) pairs, one sample per image at its bucket size (training_samples)."""
+    caption) pairs, one sample per image at its bucket size (training_samples). finish_by: a
+    time.perf_counter() value; the phase's steps are cut to end by then (fit_steps). Returns the
+    run and the phase as run."""
     transformer = models.transformers["dev"]
     # T5 at the length dev reads at inference (512), then cut to the first rows plus the last one;
     # full_length_attention biases the kept pads so each step attends as the 512-row prompt would.
-    cache = build_cache(models, images, captions, samples, max_sequence_length, folder=None)
+    cache = shortened(
+        build_cache(models, images, captions, samples, max_sequence_length, folder=None), spec.short_text_tokens
+    )
+    scheduler = models.scheduler_configs["dev"]
     with full_length_attention(transformer, max_sequence_length):
-        return _train(
-            transformer,
-            shortened(cache, spec.short_text_tokens),
-            samples,
-            spec,
-            phase,
-            seed,
-            models.scheduler_configs["dev"],
-            on_step,
-        )
+        if finish_by is not None:
+            phase = fit_steps(transformer, cache, samples, spec, phase, scheduler, finish_by)
+        return _train(transformer, cache, samples, spec, phase, seed, scheduler, on_step), phase
+
+
+FIT_STEPS_ROUNDING = 250
+FIT_TRIAL_STEPS = 30
+
+
+def fit_steps(transformer, cache, samples, spec: MiniSpec, phase: TransformerPhase, scheduler, finish_by: float):
+    """The phase with at most as many steps as end by `finish_by`, timed on a throwaway copy of the
+    transformer (the copy's steps touch nothing the real run reads, so the run is exactly a build of
+    the returned phase). Rounded down to FIT_STEPS_ROUNDING; at least that many."""
+    import copy
+    import dataclasses
+    import time
+
+    trial = dataclasses.replace(phase, steps=FIT_TRIAL_STEPS, warmup_steps=1)
+    started = time.perf_counter()
+    _train(copy.deepcopy(transformer), cache, samples, spec, trial, 0, scheduler)
+    per_step = (time.perf_counter() - started) / FIT_TRIAL_STEPS
+    fitting = int((finish_by - time.perf_counter()) / per_step) // FIT_STEPS_ROUNDING * FIT_STEPS_ROUNDING
+    steps = max(FIT_STEPS_ROUNDING, min(phase.steps, fitting))
+    log.info("%.3f s/step measured: %d steps end by the deadline (the spec asks %d)", per_step, steps, phase.steps)
+    return dataclasses.replace(phase, steps=steps)
 
 
 def _train(
