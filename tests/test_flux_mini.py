@@ -30,7 +30,6 @@ def quick_spec(phases: int = 2):
         vae_images=16,
         vae_phases=((256, 4, 2, 48), (64, 4, 2, 0), (256, 2, 1, 0)),
         clip_steps=5,
-        batch=8,
         vae_gate_color=0.0,
         vae_gate_shape=0.0,
         phases=(

@@ -97,7 +97,9 @@ def build_flux_mini(
             vae, clip, t5, clip_tok, t5_tok, _ = load_build(Path(encoders_from))
             source = read_build_info(Path(encoders_from))
             report = {k: source[k] for k in ("vae_final_mse", "clip_accuracy", "vae_round_trip")}
-            report["encoders_from"] = dict(folder=str(encoders_from), spec=source["spec"], seconds=source["seconds"])
+            report["encoders_from"] = dict(
+                folder=str(encoders_from), spec=source["spec"], seconds=source["seconds"]
+            )
         dev_transformer = build_transformer(spec, guidance_embeds=True, seed=spec.seed + 1)
         adaln_zero(dev_transformer)
         phase_runs: list[dict] = []
@@ -178,7 +180,9 @@ SAVE_SECONDS = 15.0  # kept for writing both variants when a build must finish i
 def _encoders(spec: MiniSpec, first: list, device, lap, workers: int = 1):
     """The VAE (trained and gated, with its latent normalisation) and the text encoders; `first`:
     phase 1's examples, whose captions CLIP learns."""
-    vae_examples = draw_examples(spec.vae_images, spec.seed + 200, spec.image_size, workers, two_tone=spec.two_tone)
+    vae_examples = draw_examples(
+        spec.vae_images, spec.seed + 200, spec.image_size, spec.draw_chunk, workers, two_tone=spec.two_tone
+    )
     vae = build_vae(spec, spec.seed).to(device)
     vae_losses, round_trip = train_checked_vae(vae, [e.image for e in vae_examples], spec)
     set_latent_normalisation(vae.cpu(), [e.image for e in first[: min(256, spec.phases[0].images)]])
@@ -226,7 +230,12 @@ def phase_examples(spec: MiniSpec, index: int, workers: int = 1):
     pairs left out."""
     phase = spec.phases[index]
     seed = spec.seed + 1000 * index
-    world = dict(exclude=held_out_pairs(spec.held_out_seed), two_tone=spec.two_tone, workers=workers)
+    world = dict(
+        exclude=held_out_pairs(spec.held_out_seed),
+        two_tone=spec.two_tone,
+        chunk=spec.draw_chunk,
+        workers=workers,
+    )
     examples = draw_examples(phase.images, seed, spec.image_size, **world)
     return examples + draw_examples(phase.small_images, seed + 100, spec.small_side, **world)
 

@@ -52,7 +52,9 @@ def done_phases(earlier: dict, spec: MiniSpec) -> list[dict]:
     record, runs = phase_runs(earlier)
     wanted = spec_record(spec)
     done = record.pop("phases")
-    differing = sorted(k for k in wanted.keys() - {"phases"} if record.get(k) != wanted[k])
+    # A field added to MiniSpec after the earlier build defaults to what builds did before it.
+    defaults = spec_record(MiniSpec())
+    differing = sorted(k for k in wanted.keys() - {"phases"} if record.get(k, defaults[k]) != wanted[k])
     if differing:
         raise ValueError(f"--resume: the earlier build's spec differs from this one in {differing}")
     if done != wanted["phases"][: len(done)]:

@@ -14,7 +14,6 @@ transformer's output against the 512-row forward).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -58,7 +57,8 @@ def pad_bias(short: torch.Tensor, full_length: int) -> torch.Tensor:
     served = (full_length - 1) - start
     if bool((served < kept).any()):
         raise ValueError(f"full_length {full_length} is shorter than the {rows} rows kept")
-    value = torch.log(served.to(short.dtype) / kept.to(short.dtype))
+    # In float64 then rounded once, as math.log gave it before: a build stays bit-for-bit the same.
+    value = torch.log(served.double() / kept.double()).to(short.dtype)
     in_run = torch.arange(rows, device=short.device)[None, :] >= start[:, None]
     in_run[:, tokens] = False  # the last row is served once and kept once
     return torch.where(in_run, value[:, None], torch.zeros((), dtype=short.dtype, device=short.device))

@@ -67,20 +67,24 @@ class MiniSpec:
     # starts from the previous phase's saved weights (fp16, the EMA), so a build can resume after
     # any phase (build.py --resume) and give what the whole build gives. weights/flux-mini is these.
     phases: tuple[TransformerPhase, ...] = (
-        # The GPU recipe (issue 13, bench/RESULTS.md 2026-12-04): every batch at 256 px, 16x the samples
-        # of the CPU builds (64k samples, 2 of 3 batches at 128 px: colour learned, shape at chance).
+        # 64k samples, 2 of 3 batches at 128 px: colour and background learned, shapes barely (17 %).
         TransformerPhase(
             steps=8000,
-            images=8000,
-            small_images=0,
-            learning_rate=1e-3,
-            warmup_steps=300,
-            high_noise_share=0.3,
+            images=2400,
+            small_images=4800,
+            learning_rate=1.5e-3,
+            warmup_steps=200,
+            high_noise_share=0.5,
         ),
+        # Tried since, none drawing shapes (bench/RESULTS.md): a second phase of 48k samples mostly at
+        # 256 px (2026-12-02); on an H200, 384k samples at 256 px, batch 128, 3+6 blocks (2026-12-04).
     )
     small_side: int = 128
+    # Images drawn in chunks of this many, each from its own seed, so worker processes can draw them
+    # (toys.mini.dataset; a GPU build waits minutes for one process). 0: one stream, as the CPU builds.
+    draw_chunk: int = 0
     two_tone: float = 0.0  # share of two-tone backgrounds: their captions do not say how they split
-    batch: int = 128
+    batch: int = 8
     ema_decay: float | None = 0.999
     # T5 rows the transformer trains on: the first short_text_tokens plus the last one; the pads they
     # stand for get an attention bias (toys.mini.short_text), so training computes what serving at
@@ -106,7 +110,9 @@ def with_overrides(spec: MiniSpec, settings: list[str]) -> MiniSpec:
     for setting in settings:
         name, _, text = setting.partition("=")
         target, fields, field = (last, phase, name[6:]) if name.startswith("phase.") else (top, spec, name)
-        current = getattr(fields, field, None) if field in {f.name for f in dataclasses.fields(fields)} else None
+        current = (
+            getattr(fields, field, None) if field in {f.name for f in dataclasses.fields(fields)} else None
+        )
         if not isinstance(current, int | float) or isinstance(current, bool):
             raise ValueError(f"--set {setting}: {name} is not a number field of the spec")
         try:

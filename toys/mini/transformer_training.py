@@ -123,7 +123,8 @@ def train_transformer(
     # T5 at the length dev reads at inference (512), then cut to the first rows plus the last one;
     # full_length_attention biases the kept pads so each step attends as the 512-row prompt would.
     cache = shortened(
-        build_cache(models, images, captions, samples, max_sequence_length, folder=None), spec.short_text_tokens
+        build_cache(models, images, captions, samples, max_sequence_length, folder=None),
+        spec.short_text_tokens,
     )
     scheduler = models.scheduler_configs["dev"]
     with full_length_attention(transformer, max_sequence_length):
@@ -136,7 +137,9 @@ FIT_STEPS_ROUNDING = 250
 FIT_TRIAL_STEPS = 30
 
 
-def fit_steps(transformer, cache, samples, spec: MiniSpec, phase: TransformerPhase, scheduler, finish_by: float):
+def fit_steps(
+    transformer, cache, samples, spec: MiniSpec, phase: TransformerPhase, scheduler, finish_by: float
+):
     """The phase with at most as many steps as end by `finish_by`, timed on a throwaway copy of the
     transformer (the copy's steps touch nothing the real run reads, so the run is exactly a build of
     the returned phase). Rounded down to FIT_STEPS_ROUNDING; at least that many."""
@@ -150,7 +153,9 @@ def fit_steps(transformer, cache, samples, spec: MiniSpec, phase: TransformerPha
     per_step = (time.perf_counter() - started) / FIT_TRIAL_STEPS
     fitting = int((finish_by - time.perf_counter()) / per_step) // FIT_STEPS_ROUNDING * FIT_STEPS_ROUNDING
     steps = max(FIT_STEPS_ROUNDING, min(phase.steps, fitting))
-    log.info("%.3f s/step measured: %d steps end by the deadline (the spec asks %d)", per_step, steps, phase.steps)
+    log.info(
+        "%.3f s/step measured: %d steps end by the deadline (the spec asks %d)", per_step, steps, phase.steps
+    )
     return dataclasses.replace(phase, steps=steps)
 
 

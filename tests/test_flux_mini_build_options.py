@@ -1,0 +1,100 @@
+"""The build options the GPU build of flux-mini uses (issue 13): spec settings from the command line,
+images drawn by several processes, a transformer trained on an earlier build's encoders, and steps
+cut to a deadline without changing what the steps compute."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_flux_mini import quick_spec
+from tests.test_flux_mini_timesteps import DEV_SCHEDULER, tiny_world
+from toys.mini.dataset import draw_examples
+from toys.mini.spec import MiniSpec, with_overrides
+from toys.shapes import generate_dataset
+
+
+def test_settings_change_the_named_numbers_and_refuse_the_rest():
+    spec = with_overrides(MiniSpec(), ["double_blocks=4", "phase.steps=123", "phase.learning_rate=2e-4"])
+    assert spec.double_blocks == 4 and spec.phases[-1].steps == 123 and spec.phases[-1].learning_rate == 2e-4
+    assert (
+        dataclasses.replace(spec, double_blocks=MiniSpec().double_blocks, phases=MiniSpec().phases)
+        == MiniSpec()
+    )
+    for setting, why in [
+        ("nope=1", "nope is not a number field"),
+        ("rope_axes=1", "rope_axes is not a number field"),
+        ("phase.steps=many", "phase.steps takes a int"),
+        ("phase.nope=1", "phase.nope is not a number field"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            with_overrides(MiniSpec(), [setting])
+
+
+def test_the_build_command_names_a_bad_setting():
+    done = subprocess.run(
+        [sys.executable, "-m", "toys.mini.build", "/nonexistent", "--set", "heads=four"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0 and "--set heads=four: heads takes a int" in done.stderr
+
+
+def same_images(a: list, b: list) -> bool:
+    return [e.caption for e in a] == [e.caption for e in b] and all(
+        np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_the_same_images_whatever_the_number_of_workers():
+    world = dict(exclude={("red", "circle")}, two_tone=0.0)
+    one = draw_examples(70, seed=5, size=32, chunk=30, workers=1, **world)
+    two = draw_examples(70, seed=5, size=32, chunk=30, workers=2, **world)
+    assert same_images(one, two)
+    assert not any((e.attributes.color, e.attributes.shape) == ("red", "circle") for e in one)
+    assert len({e.caption for e in one}) > 40  # the chunks are not copies of each other
+    # Chunk 0 is the one stream the CPU builds drew, so the committed build's images are unchanged.
+    assert same_images(
+        draw_examples(40, 5, 32, chunk=0, **world), generate_dataset(40, seed=5, size=32, **world)
+    )
+
+
+def test_fit_steps_times_a_copy_and_leaves_the_transformer_untouched():
+    from toys.mini.transformer_training import FIT_STEPS_ROUNDING, build_transformer, fit_steps
+
+    spec = dataclasses.replace(MiniSpec(), double_blocks=1, single_blocks=1, batch=2)
+    phase = dataclasses.replace(spec.phases[0], steps=10 * FIT_STEPS_ROUNDING)
+    transformer = build_transformer(spec, guidance_embeds=True, seed=0)
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    cache, samples = tiny_world()
+
+    far = fit_steps(transformer, cache, samples, spec, phase, DEV_SCHEDULER, time.perf_counter() + 1e6)
+    now = fit_steps(transformer, cache, samples, spec, phase, DEV_SCHEDULER, time.perf_counter())
+    assert far == phase  # time for every step the spec asks: nothing cut
+    assert now == dataclasses.replace(phase, steps=FIT_STEPS_ROUNDING)  # never below one rounding
+    assert all(torch.equal(before[k], v) for k, v in transformer.state_dict().items())
+
+
+def test_a_transformer_trained_on_an_earlier_builds_encoders(tmp_path):
+    from toys.mini.build import build_flux_mini
+
+    earlier = build_flux_mini(tmp_path / "earlier", quick_spec(phases=1))
+    spec = dataclasses.replace(quick_spec(phases=1), double_blocks=1, single_blocks=2)
+    later = build_flux_mini(tmp_path / "later", spec, encoders_from=earlier)
+
+    for part in ("vae", "text_encoder", "text_encoder_2"):
+        a, b = (load_file(next((f / "FLUX.1-dev" / part).glob("*.safetensors"))) for f in (earlier, later))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    config = json.loads((later / "FLUX.1-dev" / "transformer" / "config.json").read_text())
+    assert (config["num_layers"], config["num_single_layers"]) == (1, 2)
+    info = json.loads((later / "build_info.json").read_text())
+    assert info["encoders_from"]["folder"] == str(earlier) and "vae" not in info["seconds"]
+    assert info["spec"]["double_blocks"] == 1
