@@ -1,16 +1,17 @@
 """Train flux-mini from scratch and write it in diffusers layout:
 
-    python -m toys.mini.build [OUTPUT_DIR] [--seed 0] [--steps N] [--set FIELD=VALUE ...]
-                              [--resume EARLIER] [--checkpoint-every N] [--workers N]
+    python -m toys.mini.build [OUTPUT_DIR] [--seed 0] [--set FIELD=VALUE ...] [--workers N]
+                              [--encoders-from EARLIER] [--finish-within SECONDS]
+                              [--resume EARLIER] [--checkpoint-every N]
 
 Stages: the shapes datasets (256 and 128 px, plain backgrounds, held-out colour/shape pairs left out),
 the VAE and its round-trip gate (toys.mini.vae_gate), its latent normalisation, the text encoders
 (CLIP trained briefly, T5 random), the transformer in MiniSpec.phases (full-parameter, the LoRA loop,
 33 T5 rows with a pad bias, each phase on its own images from the last one's saved weights), then
 FLUX.1-dev/ and FLUX.1-schnell/ (the same weights without the guidance embedder). OUTPUT_DIR defaults
-to weights/flux-mini. The same command uses a GPU when there is one: minutes there, a day on one CPU
-core (bench/RESULTS.md). --steps and --set change the spec (recorded in build_info.json); --workers
-only how many processes draw the images, never which images.
+to weights/flux-mini. The default spec takes about an hour on one CPU core; the same command uses a GPU
+when there is one, and takes minutes there (bench/RESULTS.md). --set changes the spec (recorded in
+build_info.json); --workers only how many processes draw the images, never which images.
 """
 
 from __future__ import annotations
