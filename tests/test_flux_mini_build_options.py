@@ -98,3 +98,38 @@ def test_a_transformer_trained_on_an_earlier_builds_encoders(tmp_path):
     info = json.loads((later / "build_info.json").read_text())
     assert info["encoders_from"]["folder"] == str(earlier) and "vae" not in info["seconds"]
     assert info["spec"]["double_blocks"] == 1
+
+
+def pooled_probe(clip, tokenizer, captions: list[str], labels: list[int]) -> float:
+    """Held-out accuracy of a linear probe reading `labels` from CLIP's pooled vectors (half to fit)."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    with torch.no_grad():
+        x = clip(ids.input_ids).pooler_output
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    y, half = torch.tensor(labels), len(labels) // 2
+    probe = torch.nn.Linear(x.shape[1], max(labels) + 1)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=0.05)
+    for _ in range(300):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(probe(x[:half]), y[:half]).backward()
+        optimizer.step()
+    return (probe(x[half:]).argmax(1) == y[half:]).float().mean().item()
+
+
+def test_clip_placement_puts_position_and_size_into_the_pooled_vector():
+    """clip_placement = 1: CLIP's pooled vector says where and how large (the way into adaLN)."""
+    from toys.mini.clip_training import placement_labels, train_clip
+    from toys.mini.text import build_text_encoders, build_tokenizers
+
+    examples = generate_dataset(300, seed=3, size=32, two_tone=0.0)
+    captions = [e.caption for e in examples]
+    labels = [placement_labels(e.caption, e.attributes) for e in examples]
+    assert placement_labels("a red circle on a blue background", examples[0].attributes) == (9, 3)
+    position = [p for p, _ in labels]
+    accuracies = {}
+    for placement in (False, True):
+        clip_tok, t5_tok = build_tokenizers()
+        clip, _ = build_text_encoders(clip_tok, t5_tok, 64, 64, seed=0, clip_layers=2)
+        train_clip(clip, clip_tok, captions, [e.attributes for e in examples], 60, seed=0, placement=placement)
+        accuracies[placement] = pooled_probe(clip, clip_tok, captions, position)
+    assert accuracies[True] > 0.8 and accuracies[True] > accuracies[False] + 0.3, accuracies

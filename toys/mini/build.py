@@ -191,7 +191,13 @@ def _encoders(spec: MiniSpec, first: list, device, lap, workers: int = 1):
     clip_tok, t5_tok = build_tokenizers()
     clip, t5 = build_text_encoders(clip_tok, t5_tok, spec.clip_dim, spec.t5_dim, spec.seed, spec.clip_layers)
     clip_accuracy = train_clip(
-        clip, clip_tok, [e.caption for e in first], [e.attributes for e in first], spec.clip_steps, spec.seed
+        clip,
+        clip_tok,
+        [e.caption for e in first],
+        [e.attributes for e in first],
+        spec.clip_steps,
+        spec.seed,
+        placement=bool(spec.clip_placement),
     )
     lap("text")
     report = dict(

@@ -55,6 +55,7 @@ class MiniSpec:
     clip_dim: int = 64
     clip_layers: int = 2
     clip_steps: int = 300
+    clip_placement: int = 0  # 1: CLIP also learns the position and size words (toys.mini.clip_training)
     t5_dim: int = 64
     # Transformer: 2 double + 4 single blocks, 4 heads x 32 = 128 wide.
     double_blocks: int = 2
