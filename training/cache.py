@@ -63,9 +63,12 @@ def build_cache(
     """Encode every sample's image at its bucket size and every distinct caption (plus the empty one)."""
     latents = TensorStore(None if folder is None else folder / "latents")
     texts = TensorStore(None if folder is None else folder / "text")
-    # In batches of ENCODE_BATCH (latents: consecutive samples of one bucket size): one at a time, the
-    # encoders' kernel launches made caching flux-mini's 8,000 images take over a minute on a GPU.
-    for numbers in _runs(samples, lambda s: (s.width, s.height)):
+    # In batches (latents: consecutive samples of one bucket size, ENCODE_PIXELS at most, so FLUX.1's
+    # VAE at 1024x1024 goes two at a time): one at a time, the encoders' kernel launches made caching
+    # flux-mini's 8,000 images take over a minute on a GPU.
+    for numbers in _runs(
+        samples, lambda s: (s.width, s.height), lambda s: ENCODE_PIXELS // (s.width * s.height)
+    ):
         pixels = [
             image_to_pixels(fit_to_bucket(images[samples[n].index], samples[n].width, samples[n].height))
             for n in numbers
@@ -78,7 +81,7 @@ def build_cache(
     number_of = {text: i for i, text in enumerate(distinct)}
     pipe = _text_pipeline(models)
     with torch.no_grad():
-        for numbers in _runs(distinct, lambda _: 0):
+        for numbers in _runs(distinct, lambda _: 0, lambda _: ENCODE_BATCH):
             batch = [distinct[n] for n in numbers]
             prompt, pooled, _ = pipe.encode_prompt(
                 prompt=batch, prompt_2=batch, device=models.device, max_sequence_length=max_sequence_length
@@ -94,14 +97,15 @@ def build_cache(
     )
 
 
-ENCODE_BATCH = 32
+ENCODE_BATCH = 32  # captions per text-encoder call
+ENCODE_PIXELS = 2**21  # pixels per VAE call: 32 flux-mini images of 256x256, 2 of 1024x1024
 
 
-def _runs(items: list, key) -> list[list[int]]:
-    """Indices of `items` in runs of consecutive equal key(item), at most ENCODE_BATCH long."""
+def _runs(items: list, key, most) -> list[list[int]]:
+    """Indices of `items` in runs of consecutive equal key(item), each at most most(item) long (and 1)."""
     runs: list[list[int]] = []
     for index, item in enumerate(items):
-        if runs and len(runs[-1]) < ENCODE_BATCH and key(items[runs[-1][-1]]) == key(item):
+        if runs and len(runs[-1]) < max(1, most(item)) and key(items[runs[-1][-1]]) == key(item):
             runs[-1].append(index)
         else:
             runs.append([index])
