@@ -97,7 +97,7 @@ def build_flux_mini(
         else:
             vae, clip, t5, clip_tok, t5_tok, _ = load_build(Path(encoders_from))
             source = read_build_info(Path(encoders_from))
-            report = {k: source[k] for k in ("vae_final_mse", "clip_accuracy", "vae_round_trip")}
+            report = encoders_report(source)
             report["encoders_from"] = dict(
                 folder=str(encoders_from), spec=source["spec"], seconds=source["seconds"]
             )
@@ -109,7 +109,7 @@ def build_flux_mini(
         earlier = read_build_info(Path(resume))
         phase_runs = done_phases(earlier, spec)
         vae, clip, t5, clip_tok, t5_tok, dev_transformer = load_build(Path(resume))
-        report = {k: earlier[k] for k in ("vae_final_mse", "clip_accuracy", "vae_round_trip")}
+        report = encoders_report(earlier)
         log.info("resuming %s after %d phase(s)", resume, len(phase_runs))
     models = FluxModels(
         tokenizer=clip_tok,
@@ -173,6 +173,11 @@ def build_flux_mini(
     (output_dir / "build_info.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     log.info("flux-mini built in %.0f s: %s", info["total_seconds"], output_dir)
     return output_dir
+
+
+def encoders_report(info: dict) -> dict:
+    """What an earlier build's record says of the VAE and text encoders a build takes from it."""
+    return {k: info[k] for k in ("vae_final_mse", "clip_accuracy", "vae_round_trip")}
 
 
 SAVE_SECONDS = 15.0  # kept for writing both variants when a build must finish in time

@@ -10,8 +10,11 @@ dev accepts the guidance input and ignores it. That constant is what makes the s
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
+import time
 
 import torch
 
@@ -143,10 +146,6 @@ def fit_steps(
     """The phase with at most as many steps as end by `finish_by`, timed on a throwaway copy of the
     transformer (the copy's steps touch nothing the real run reads, so the run is exactly a build of
     the returned phase). Rounded down to FIT_STEPS_ROUNDING; at least that many."""
-    import copy
-    import dataclasses
-    import time
-
     trial = dataclasses.replace(phase, steps=FIT_TRIAL_STEPS, warmup_steps=1)
     started = time.perf_counter()
     _train(copy.deepcopy(transformer), cache, samples, spec, trial, 0, scheduler)
