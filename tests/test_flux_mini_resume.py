@@ -35,6 +35,25 @@ def test_resumed_build_equals_the_whole_build(tmp_path):
     assert all((load_file(resumed / "checkpoints" / names[-1])[k] == got[k]).all() for k in got)
 
 
+def test_a_checkpointed_build_writes_its_encoders_first_and_trains_the_same(tmp_path, monkeypatch):
+    """With checkpoints, FLUX.1-dev/ is written before the transformer trains (the checkpoints decode
+    while the build runs), and that save does not change what the build trains."""
+    from toys.mini import build
+
+    whole = build.build_flux_mini(tmp_path / "whole", quick_spec(phases=1))
+    monkeypatch.setattr(build, "_save", lambda *args: None)  # keep what was written before training
+    early = build.build_flux_mini(tmp_path / "early", quick_spec(phases=1), checkpoint_every=1)
+
+    last = sorted((early / "checkpoints").iterdir())[-1]
+    assert all((load_file(last)[k] == v).all() for k, v in dev_weights(whole).items())
+    for part in ("vae", "text_encoder", "text_encoder_2"):
+        files = [next((f / "FLUX.1-dev" / part).glob("*.safetensors")) for f in (whole, early)]
+        expected, got = (load_file(f) for f in files)
+        assert all((expected[k] == got[k]).all() for k in expected), part
+    untrained = dev_weights(early)
+    assert any((untrained[k] != v).any() for k, v in load_file(last).items()), "saved after training"
+
+
 def test_resume_refuses_another_spec_or_a_finished_build(tmp_path):
     from toys.mini.build import build_flux_mini
 

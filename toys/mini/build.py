@@ -17,6 +17,7 @@ build_info.json); --workers only how many processes draw the images, never which
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import dataclasses
 import json
@@ -103,6 +104,8 @@ def build_flux_mini(
             )
         dev_transformer = build_transformer(spec, guidance_embeds=True, seed=spec.seed + 1)
         adaln_zero(dev_transformer)
+        if checkpoint_every:
+            _save_dev_early(output_dir, vae, clip, t5, clip_tok, t5_tok, dev_transformer)
         phase_runs: list[dict] = []
     else:
         first = None
@@ -235,6 +238,23 @@ def _save(output_dir: Path, vae, clip, t5, clip_tok, t5_tok, dev_transformer, sp
         pipe.save_pretrained(folder, safe_serialization=True)
         log.info("wrote flux-mini %s to %s", name, folder)
     dev_transformer.to(torch.float32)
+
+
+def _save_dev_early(output_dir: Path, vae, clip, t5, clip_tok, t5_tok, dev_transformer) -> None:
+    """FLUX.1-dev/ with the untrained transformer, written before training: the VAE and text encoders
+    are final, so the checkpoints decode while the build runs (bench/flux_mini_curve.py --weights
+    OUT). A copy is saved: the fp16 round trip must not touch the weights training starts from."""
+    pipe = FluxPipeline(
+        transformer=copy.deepcopy(dev_transformer).cpu().to(torch.float16),
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS["dev"]),
+        vae=vae,
+        text_encoder=clip,
+        text_encoder_2=t5,
+        tokenizer=clip_tok,
+        tokenizer_2=t5_tok,
+    )
+    pipe.save_pretrained(output_dir / VARIANTS["dev"].folder, safe_serialization=True)
+    log.info("wrote the encoders and the untrained dev transformer to %s (for checkpoints)", output_dir)
 
 
 def phase_examples(spec: MiniSpec, index: int, workers: int = 1):
