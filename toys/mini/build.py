@@ -218,25 +218,11 @@ def _encoders(spec: MiniSpec, first: list, device, lap, workers: int = 1):
 
 def _save(output_dir: Path, vae, clip, t5, clip_tok, t5_tok, dev_transformer, spec: MiniSpec) -> None:
     """FLUX.1-dev/ and FLUX.1-schnell/ in diffusers layout, sharing the VAE and text encoders."""
-    shared = dict(
-        vae=vae.cpu(),
-        text_encoder=clip.cpu(),
-        text_encoder_2=t5.cpu(),
-        tokenizer=clip_tok,
-        tokenizer_2=t5_tok,
-    )
+    shared = _shared_parts(vae, clip, t5, clip_tok, t5_tok)
     dev_transformer = dev_transformer.cpu().eval().requires_grad_(False)
     transformers = {"dev": dev_transformer, "schnell": schnell_from_dev(dev_transformer, spec, spec.seed)}
     for name, transformer in transformers.items():
-        pipe = FluxPipeline(
-            # fp16 on disk halves the files; loading casts to the runtime dtype (fp32 on CPU).
-            transformer=transformer.to(torch.float16),
-            scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS[name]),
-            **shared,
-        )
-        folder = output_dir / VARIANTS[name].folder
-        pipe.save_pretrained(folder, safe_serialization=True)
-        log.info("wrote flux-mini %s to %s", name, folder)
+        _write_variant(output_dir, name, transformer, shared)
     dev_transformer.to(torch.float32)
 
 
@@ -244,17 +230,31 @@ def _save_dev_early(output_dir: Path, vae, clip, t5, clip_tok, t5_tok, dev_trans
     """FLUX.1-dev/ with the untrained transformer, written before training: the VAE and text encoders
     are final, so the checkpoints decode while the build runs (bench/flux_mini_curve.py --weights
     OUT). A copy is saved: the fp16 round trip must not touch the weights training starts from."""
-    pipe = FluxPipeline(
-        transformer=copy.deepcopy(dev_transformer).cpu().to(torch.float16),
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS["dev"]),
-        vae=vae,
-        text_encoder=clip,
-        text_encoder_2=t5,
+    shared = _shared_parts(vae, clip, t5, clip_tok, t5_tok)
+    _write_variant(output_dir, "dev", copy.deepcopy(dev_transformer).cpu(), shared)
+
+
+def _shared_parts(vae, clip, t5, clip_tok, t5_tok) -> dict:
+    """The parts both variants share, on the CPU for writing."""
+    return dict(
+        vae=vae.cpu(),
+        text_encoder=clip.cpu(),
+        text_encoder_2=t5.cpu(),
         tokenizer=clip_tok,
         tokenizer_2=t5_tok,
     )
-    pipe.save_pretrained(output_dir / VARIANTS["dev"].folder, safe_serialization=True)
-    log.info("wrote the encoders and the untrained dev transformer to %s (for checkpoints)", output_dir)
+
+
+def _write_variant(output_dir: Path, name: str, transformer, shared: dict) -> None:
+    pipe = FluxPipeline(
+        # fp16 on disk halves the files; loading casts to the runtime dtype (fp32 on CPU).
+        transformer=transformer.to(torch.float16),
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS[name]),
+        **shared,
+    )
+    folder = output_dir / VARIANTS[name].folder
+    pipe.save_pretrained(folder, safe_serialization=True)
+    log.info("wrote flux-mini %s to %s", name, folder)
 
 
 def phase_examples(spec: MiniSpec, index: int, workers: int = 1):
