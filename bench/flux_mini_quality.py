@@ -4,7 +4,8 @@
 
 Prints: the VAE's round-trip ceiling on held-out images; text-to-image colour/shape accuracy on held-out (unseen) colour/shape pairs and, for
 reference, on seen pairs; seed variety (spread of the scored shape centres); img2img at low and high
-prompt_strength; inpainting (change inside the mask, difference outside); and "training teaches":
+prompt_strength; inpainting (change inside the mask, difference outside); recovery (held-out images
+noised to prompt_strength 0.5/0.7/0.9, redrawn with their caption: is the shape kept); and "training teaches":
 a LoRA trained on hearts captioned TOK through training.job.run_training, then the share of
 "a TOK on a white background" images scored as hearts, and known-shape accuracy with the LoRA
 relative to without. All at 256x256, dev, its default 28 steps, seeds fixed; img2img and inpainting
@@ -115,6 +116,23 @@ def img2img(models, count: int, work: Path) -> dict:
     return result
 
 
+def recovery(models, count: int) -> dict:
+    """Held-out images noised to a strength and redrawn with their own caption: the share whose shape
+    comes back. Separates denoising (the outline is in the input) from composing it out of pure noise."""
+    examples = quality.held_out_examples(count)
+    result = {}
+    for strength in (0.5, 0.7, 0.9):
+        kept = sum(
+            score_image(
+                quality.edit(models, e.caption, 1000 + i, quality.source_image(e.attributes), strength)
+            ).shape
+            == e.attributes.shape
+            for i, e in enumerate(examples)
+        )
+        result[f"shape_kept_at_strength_{strength}"] = kept / count
+    return result
+
+
 def inpainting(models, count: int, work: Path) -> dict:
     prompt = "a red circle on a white background, right"
     inside, outside, red_inside = [], [], 0
@@ -177,7 +195,7 @@ def main() -> None:
     parser.add_argument("--lora-steps", type=int, default=150)
     parser.add_argument("--samples", type=int, default=20, help="TOK samples scored after training")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", default="vae,t2i,variety,img2img,inpaint,teach")
+    parser.add_argument("--only", default="vae,t2i,variety,img2img,inpaint,recover,teach")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
@@ -195,6 +213,7 @@ def main() -> None:
         ("variety", lambda: seed_variety(models)),
         ("img2img", lambda: img2img(models, 4, work)),
         ("inpaint", lambda: inpainting(models, 4, work)),
+        ("recover", lambda: recovery(models, 12)),
         ("teach", lambda: training_teaches(models, work, args.lora_images, args.lora_steps, args.samples)),
     ]
     for name, run in steps:
