@@ -3,11 +3,15 @@ transformer (the build's architecture, recipe and adaLN-zero start) on a narrowe
 text encoders of an existing build, then scores 40 prompts of that same world by their drawn shape.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/flux_mini_world_probe.py --encoders-from BUILD \
-        --world easy|place|colour [--steps 3000] [--images 800] [--prompts 40]
+        --world WORLD [--steps 3000] [--images 800] [--prompts 40] \
+        [--set FIELD=VALUE ...]
 
 Worlds (every one: plain backgrounds, 8 shapes, 256 px only):
 - easy: large, centred, 4 colours (red, blue, green, black) on white;
 - place: every size and position, the same 4 colours on white;
+- position: large, every position, the same 4 colours on white;
+- place_no_small: medium and large, every position, the same 4 colours on white;
+- size: centred, every size, the same 4 colours on white;
 - colour: large and centred, every colour on every background.
 The full world is every size and position with every colour on every background. The test prompts are
 drawn from the world with another seed (new images of seen pairs: the probe asks whether the outline is
@@ -34,7 +38,7 @@ from flux.loading import FluxModels  # noqa: E402
 from flux.variants import VARIANTS  # noqa: E402
 from toys.mini.quality import draw  # noqa: E402
 from toys.mini.resume import load_build  # noqa: E402
-from toys.mini.spec import MiniSpec, TransformerPhase  # noqa: E402
+from toys.mini.spec import MiniSpec, TransformerPhase, with_overrides  # noqa: E402
 from toys.mini.transformer_training import (  # noqa: E402
     adaln_zero,
     build_transformer,
@@ -49,24 +53,35 @@ FEW_COLORS = ("red", "blue", "green", "black")
 SIDE = 256
 
 
+# world -> (every colour on every background?, sizes, centred only?)
+WORLDS: dict[str, tuple[bool, tuple[str, ...], bool]] = {
+    "easy": (False, ("large",), True),
+    "place": (False, ("small", "medium", "large"), False),
+    "position": (False, ("large",), False),
+    "place_no_small": (False, ("medium", "large"), False),
+    "size": (False, ("small", "medium", "large"), True),
+    "colour": (True, ("large",), True),
+}
+
+
 def world_attributes(world: str, rng: np.random.Generator) -> Attributes:
-    few = [(c, s) for c in FEW_COLORS for s in SHAPES]
-    if world == "place":
-        return sample_attributes(rng, SIDE, pairs=few, backgrounds=["white"], two_tone=0.0)
-    while True:  # easy and colour: large and centred only
-        if world == "easy":
-            attrs = sample_attributes(
-                rng, SIDE, pairs=few, backgrounds=["white"], sizes=["large"], two_tone=0.0
-            )
-        else:
-            pairs = [(c, s) for c in COLORS for s in SHAPES]
-            attrs = sample_attributes(rng, SIDE, pairs=pairs, sizes=["large"], two_tone=0.0)
-        if attrs.position == "center":
+    all_colours, sizes, centred = WORLDS[world]
+    if all_colours:
+        pairs, backgrounds = [(c, s) for c in COLORS for s in SHAPES], None
+    else:
+        pairs, backgrounds = [(c, s) for c in FEW_COLORS for s in SHAPES], ["white"]
+    while True:  # rejection keeps the draw order of sample_attributes
+        attrs = sample_attributes(
+            rng, SIDE, pairs=pairs, backgrounds=backgrounds, sizes=list(sizes), two_tone=0.0
+        )
+        if not centred or attrs.position == "center":
             return attrs
 
 
-def probe(encoders_from: Path, world: str, steps: int, images: int, prompts: int) -> dict:
-    spec = MiniSpec()
+def probe(
+    encoders_from: Path, world: str, steps: int, images: int, prompts: int, settings: list[str]
+) -> dict:
+    spec = with_overrides(MiniSpec(), settings)
     rng = np.random.default_rng(spec.seed)
     train_attrs = [world_attributes(world, rng) for _ in range(images)]
     vae, clip, t5, clip_tok, t5_tok, _ = load_build(encoders_from)
@@ -87,9 +102,9 @@ def probe(encoders_from: Path, world: str, steps: int, images: int, prompts: int
         steps=steps,
         images=images,
         small_images=0,
-        learning_rate=spec.phases[0].learning_rate,
-        warmup_steps=spec.phases[0].warmup_steps,
-        high_noise_share=spec.phases[0].high_noise_share,
+        learning_rate=spec.phases[-1].learning_rate,
+        warmup_steps=spec.phases[-1].warmup_steps,
+        high_noise_share=spec.phases[-1].high_noise_share,
     )
     started = time.perf_counter()
     run, _ = train_transformer(
@@ -105,11 +120,16 @@ def probe(encoders_from: Path, world: str, steps: int, images: int, prompts: int
     trained = time.perf_counter() - started
     transformer.eval().requires_grad_(False)
     test_rng = np.random.default_rng(12345)
-    kept = []
+    kept = []  # (size, colour right, shape right) per prompt
     for index in range(prompts):
         attrs = world_attributes(world, test_rng)
         score = score_image(draw(models, caption(attrs), seed=500 + index))
-        kept.append((score.color == attrs.color, score.shape == attrs.shape))
+        kept.append((attrs.size, score.color == attrs.color, score.shape == attrs.shape))
+        logging.info("%s -> drawn %s %s", caption(attrs), score.color, score.shape)
+    by_size = {
+        size: f"{sum(s for z, _, s in kept if z == size)}/{sum(z == size for z, _, _ in kept)}"
+        for size in WORLDS[world][1]
+    }
     return dict(
         world=world,
         steps=steps,
@@ -117,22 +137,27 @@ def probe(encoders_from: Path, world: str, steps: int, images: int, prompts: int
         images=images,
         train_seconds=round(trained),
         final_loss=round(float(np.mean(run.losses[-50:])), 4),
-        color=float(np.mean([c for c, _ in kept])),
-        shape=float(np.mean([s for _, s in kept])),
+        color=float(np.mean([c for _, c, _ in kept])),
+        shape=float(np.mean([s for _, _, s in kept])),
+        shape_by_size=by_size,
         prompts=prompts,
+        settings=settings,
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoders-from", type=Path, required=True, help="a flux-mini build folder")
-    parser.add_argument("--world", choices=("easy", "place", "colour"), required=True)
+    parser.add_argument("--world", choices=tuple(WORLDS), required=True)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--images", type=int, default=800)
     parser.add_argument("--prompts", type=int, default=40)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="as build.py --set (e.g. heads=8)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    print(json.dumps(probe(args.encoders_from, args.world, args.steps, args.images, args.prompts)))
+    print(json.dumps(probe(args.encoders_from, args.world, args.steps, args.images, args.prompts, args.set)))
 
 
 if __name__ == "__main__":
