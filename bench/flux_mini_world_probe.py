@@ -25,7 +25,9 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,35 +48,40 @@ from toys.mini.transformer_training import (  # noqa: E402
     training_samples,
 )
 from toys.shape_scorer import score_image  # noqa: E402
-from toys.shapes import COLORS, SHAPES, Attributes, caption, render, sample_attributes  # noqa: E402
+from toys.shapes import COLORS, SHAPES, SIZES, Attributes, caption, render, sample_attributes  # noqa: E402
 from toys.tiny import SCHEDULERS  # noqa: E402
 
 FEW_COLORS = ("red", "blue", "green", "black")
 SIDE = 256
 
 
-# world -> (every colour on every background?, sizes, centred only?)
-WORLDS: dict[str, tuple[bool, tuple[str, ...], bool]] = {
-    "easy": (False, ("large",), True),
-    "place": (False, ("small", "medium", "large"), False),
-    "position": (False, ("large",), False),
-    "place_no_small": (False, ("medium", "large"), False),
-    "size": (False, ("small", "medium", "large"), True),
-    "colour": (True, ("large",), True),
+class World(NamedTuple):
+    all_colours: bool  # every colour on every background, else FEW_COLORS on white
+    sizes: tuple[str, ...]
+    centred: bool  # centre position only
+
+
+WORLDS: dict[str, World] = {
+    "easy": World(False, ("large",), True),
+    "place": World(False, tuple(SIZES), False),
+    "position": World(False, ("large",), False),
+    "place_no_small": World(False, ("medium", "large"), False),
+    "size": World(False, tuple(SIZES), True),
+    "colour": World(True, ("large",), True),
 }
 
 
-def world_attributes(world: str, rng: np.random.Generator) -> Attributes:
-    all_colours, sizes, centred = WORLDS[world]
-    if all_colours:
+def world_attributes(name: str, rng: np.random.Generator) -> Attributes:
+    world = WORLDS[name]
+    if world.all_colours:
         pairs, backgrounds = [(c, s) for c in COLORS for s in SHAPES], None
     else:
         pairs, backgrounds = [(c, s) for c in FEW_COLORS for s in SHAPES], ["white"]
     while True:  # rejection keeps the draw order of sample_attributes
         attrs = sample_attributes(
-            rng, SIDE, pairs=pairs, backgrounds=backgrounds, sizes=list(sizes), two_tone=0.0
+            rng, SIDE, pairs=pairs, backgrounds=backgrounds, sizes=list(world.sizes), two_tone=0.0
         )
-        if not centred or attrs.position == "center":
+        if not world.centred or attrs.position == "center":
             return attrs
 
 
@@ -120,16 +127,16 @@ def probe(
     trained = time.perf_counter() - started
     transformer.eval().requires_grad_(False)
     test_rng = np.random.default_rng(12345)
-    kept = []  # (size, colour right, shape right) per prompt
+    kept = []  # (colour right, shape right) per prompt
+    asked, drawn = Counter(), Counter()  # prompts and right shapes per size
     for index in range(prompts):
         attrs = world_attributes(world, test_rng)
-        score = score_image(draw(models, caption(attrs), seed=500 + index))
-        kept.append((attrs.size, score.color == attrs.color, score.shape == attrs.shape))
-        logging.info("%s -> drawn %s %s", caption(attrs), score.color, score.shape)
-    by_size = {
-        size: f"{sum(s for z, _, s in kept if z == size)}/{sum(z == size for z, _, _ in kept)}"
-        for size in WORLDS[world][1]
-    }
+        prompt = caption(attrs)
+        score = score_image(draw(models, prompt, seed=500 + index))
+        kept.append((score.color == attrs.color, score.shape == attrs.shape))
+        asked[attrs.size] += 1
+        drawn[attrs.size] += score.shape == attrs.shape
+        logging.info("%s -> drawn %s %s", prompt, score.color, score.shape)
     return dict(
         world=world,
         steps=steps,
@@ -137,9 +144,9 @@ def probe(
         images=images,
         train_seconds=round(trained),
         final_loss=round(float(np.mean(run.losses[-50:])), 4),
-        color=float(np.mean([c for _, c, _ in kept])),
-        shape=float(np.mean([s for _, _, s in kept])),
-        shape_by_size=by_size,
+        color=float(np.mean([c for c, _ in kept])),
+        shape=float(np.mean([s for _, s in kept])),
+        shape_by_size={size: f"{drawn[size]}/{asked[size]}" for size in WORLDS[world].sizes},
         prompts=prompts,
         settings=settings,
     )
@@ -153,7 +160,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=800)
     parser.add_argument("--prompts", type=int, default=40)
     parser.add_argument(
-        "--set", action="append", default=[], metavar="FIELD=VALUE", help="as build.py --set (e.g. heads=8)"
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="as build.py --set, for the transformer and its training (e.g. heads=8)",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
