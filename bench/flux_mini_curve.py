@@ -63,7 +63,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     os.environ.setdefault("FLUX_ALLOW_DOWNLOAD", "0")
-    prompts = quality.prompts_of(quality.held_out_examples(args.prompts))
+    prompts = quality.prompts_of(quality.held_out_examples(args.prompts, args.weights))
     from safetensors.torch import load_file
 
     models = load_models(args.weights)

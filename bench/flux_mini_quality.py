@@ -50,8 +50,8 @@ def known_prompts(count: int, seed: int) -> list[tuple[str, str, str]]:
     return [(f"a {c} {s} on a white background", c, s) for c, s in chosen]
 
 
-def text_to_image(models, count: int) -> dict:
-    examples = quality.held_out_examples(count)
+def text_to_image(models, count: int, build: Path) -> dict:
+    examples = quality.held_out_examples(count, build)
     held, scores = quality.accuracy(models, quality.prompts_of(examples), seed=1000)
     background = np.mean(
         [s.background == e.attributes.background for s, e in zip(scores, examples, strict=True)]
@@ -116,10 +116,10 @@ def img2img(models, count: int, work: Path) -> dict:
     return result
 
 
-def recovery(models, count: int) -> dict:
+def recovery(models, count: int, build: Path) -> dict:
     """Held-out images noised to a strength and redrawn with their own caption: the share whose shape
     comes back. Separates denoising (the outline is in the input) from composing it out of pure noise."""
-    examples = quality.held_out_examples(count)
+    examples = quality.held_out_examples(count, build)
     result = {}
     for strength in (0.5, 0.7, 0.9):
         kept = sum(
@@ -209,11 +209,11 @@ def main() -> None:
     results: dict = {}
     steps = [
         ("vae", lambda: vae_ceiling(models, args.prompts)),
-        ("t2i", lambda: text_to_image(models, args.prompts)),
+        ("t2i", lambda: text_to_image(models, args.prompts, args.weights)),
         ("variety", lambda: seed_variety(models)),
         ("img2img", lambda: img2img(models, 4, work)),
         ("inpaint", lambda: inpainting(models, 4, work)),
-        ("recover", lambda: recovery(models, 12)),
+        ("recover", lambda: recovery(models, 12, args.weights)),
         ("teach", lambda: training_teaches(models, work, args.lora_images, args.lora_steps, args.samples)),
     ]
     for name, run in steps:

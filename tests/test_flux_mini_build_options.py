@@ -39,6 +39,16 @@ def test_settings_change_the_named_numbers_and_refuse_the_rest():
             with_overrides(MiniSpec(), [setting])
 
 
+def test_sizes_setting_leaves_the_other_sizes_out_of_the_transformer_images():
+    from toys.mini.build import phase_examples
+
+    spec = with_overrides(MiniSpec(), ["sizes=medium,large", "phase.images=30", "phase.small_images=10"])
+    assert spec.sizes == ("medium", "large")
+    assert {e.attributes.size for e in phase_examples(spec, 0)} == {"medium", "large"}
+    with pytest.raises(ValueError, match="sizes takes a comma-separated list of small, medium, large"):
+        with_overrides(MiniSpec(), ["sizes=medium,huge"])
+
+
 def test_the_build_command_names_a_bad_setting():
     done = subprocess.run(
         [sys.executable, "-m", "toys.mini.build", "/nonexistent", "--set", "heads=four"],
@@ -102,7 +112,9 @@ def test_a_transformer_trained_on_an_earlier_builds_encoders(tmp_path):
 
 def pooled_probe(clip, tokenizer, captions: list[str], labels: list[int]) -> float:
     """Held-out accuracy of a linear probe reading `labels` from CLIP's pooled vectors (half to fit)."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+    )
     with torch.no_grad():
         x = clip(ids.input_ids).pooler_output
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
@@ -130,6 +142,17 @@ def test_clip_placement_puts_position_and_size_into_the_pooled_vector():
     for placement in (False, True):
         clip_tok, t5_tok = build_tokenizers()
         clip, _ = build_text_encoders(clip_tok, t5_tok, 64, 64, seed=0, clip_layers=2)
-        train_clip(clip, clip_tok, captions, [e.attributes for e in examples], 60, seed=0, placement=placement)
+        train_clip(
+            clip, clip_tok, captions, [e.attributes for e in examples], 60, seed=0, placement=placement
+        )
         accuracies[placement] = pooled_probe(clip, clip_tok, captions, position)
     assert accuracies[True] > 0.8 and accuracies[True] > accuracies[False] + 0.3, accuracies
+
+
+def test_held_out_prompts_ask_for_the_sizes_the_build_trained_on(tmp_path):
+    from toys.mini import quality
+
+    (tmp_path / "build_info.json").write_text(json.dumps({"spec": {"sizes": ["large"]}}))
+    assert {e.attributes.size for e in quality.held_out_examples(20, tmp_path)} == {"large"}
+    (tmp_path / "build_info.json").write_text(json.dumps({"spec": {}}))  # a build from before sizes
+    assert quality.trained_sizes(tmp_path) == ("small", "medium", "large")

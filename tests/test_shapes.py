@@ -113,6 +113,14 @@ def test_bad_arguments_name_the_field():
         generate_dataset(3, exclude={("mauve", "circle")})
     with pytest.raises(UserInputError, match="n"):
         generate_dataset(-1)
+    with pytest.raises(UserInputError, match="sizes.*one or more of small, medium, large"):
+        generate_dataset(3, sizes=["tiny"])
+
+
+def test_sizes_choose_the_shape_sizes_drawn():
+    examples = generate_dataset(60, seed=0, sizes=["large"])
+    assert {e.attributes.size for e in examples} == {"large"}
+    assert {p.attributes.size for p in held_out_prompts(30, sizes=("small", "medium"))} == {"small", "medium"}
 
 
 def test_written_zip_has_image_and_caption_pairs_and_loads_for_training(tmp_path):

@@ -243,6 +243,8 @@ def sample_attributes(
         raise UserInputError("pairs", pairs, "at least one (colour, shape) pair")
     color, shape = pairs[int(rng.integers(len(pairs)))]
     size_names = list(SIZES) if sizes is None else list(sizes)
+    if not size_names or not set(size_names) <= set(SIZES):
+        raise UserInputError("sizes", sizes, f"one or more of {', '.join(SIZES)}")
     size_name = size_names[int(rng.integers(len(size_names)))]
     position = POSITIONS[int(rng.integers(len(POSITIONS)))]
     others = [c for c in (COLORS if backgrounds is None else backgrounds) if c != color]
@@ -323,16 +325,18 @@ def generate_dataset(
     exclude: Iterable[tuple[str, str]] = (),
     drop: float = _DEFAULT_DROP,
     two_tone: float = _TWO_TONE_PROB,
+    sizes: Sequence[str] | None = None,
 ) -> list[Example]:
-    """`n` captioned images, none showing a (colour, shape) pair in `exclude`. Deterministic; `seed`
-    is anything numpy's default_rng takes (a tuple for one chunk of a larger draw, toys.mini.dataset)."""
+    """`n` captioned images, none showing a (colour, shape) pair in `exclude`, their shapes in one of
+    `sizes` (default: all). Deterministic; `seed` is anything numpy's default_rng takes (a tuple for
+    one chunk of a larger draw, toys.mini.dataset)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise UserInputError("n", n, "a whole number of images, 0 or more")
     pairs = allowed_pairs(exclude)  # validates once, not per image
     rng = np.random.default_rng(seed)
     examples = []
     for _ in range(n):
-        attrs = sample_attributes(rng, size, pairs=pairs, two_tone=two_tone)
+        attrs = sample_attributes(rng, size, pairs=pairs, sizes=sizes, two_tone=two_tone)
         with_size, with_position = rng.random() >= drop, rng.random() >= drop
         examples.append(Example(render(attrs), caption(attrs, with_size, with_position), attrs))
     return examples
@@ -347,14 +351,19 @@ def held_out_pairs(seed: int = 0) -> frozenset[tuple[str, str]]:
 
 
 def held_out_prompts(
-    n: int = 100, seed: int = 0, size: int = DEFAULT_SIZE, two_tone: float = _TWO_TONE_PROB
+    n: int = 100,
+    seed: int = 0,
+    size: int = DEFAULT_SIZE,
+    two_tone: float = _TWO_TONE_PROB,
+    sizes: Sequence[str] | None = None,
 ) -> list[Example]:
-    """`n` examples (prompt, attributes, reference image) whose pairs are all in held_out_pairs(seed)."""
+    """`n` examples (prompt, attributes, reference image) whose pairs are all in held_out_pairs(seed),
+    their shapes in one of `sizes` (default: all)."""
     pairs = sorted(held_out_pairs(seed))
     rng = np.random.default_rng(seed + 1)
     result = []
     for _ in range(n):
-        attrs = sample_attributes(rng, size, pairs=pairs, two_tone=two_tone)
+        attrs = sample_attributes(rng, size, pairs=pairs, sizes=sizes, two_tone=two_tone)
         result.append(Example(render(attrs), caption(attrs), attrs))
     return result
 

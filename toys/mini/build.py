@@ -259,12 +259,13 @@ def _write_variant(output_dir: Path, name: str, transformer, shared: dict) -> No
 
 def phase_examples(spec: MiniSpec, index: int, workers: int = 1):
     """Phase `index`'s images: its own draws of the world, at image_size then small_side, held-out
-    pairs left out."""
+    pairs and sizes not in spec.sizes left out."""
     phase = spec.phases[index]
     seed = spec.seed + 1000 * index
     world = dict(
         exclude=held_out_pairs(spec.held_out_seed),
         two_tone=spec.two_tone,
+        sizes=spec.sizes,
         chunk=spec.draw_chunk,
         workers=workers,
     )

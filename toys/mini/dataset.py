@@ -16,7 +16,7 @@ from toys.shapes import Example, generate_dataset
 
 def draw_examples(n: int, seed: int, size: int, chunk: int = 0, workers: int = 1, **world) -> list[Example]:
     """`n` captioned images at `size`; chunk 0: generate_dataset(n, seed) itself; `world`:
-    generate_dataset's exclude / two_tone."""
+    generate_dataset's exclude / two_tone / sizes."""
     if chunk <= 0:
         return generate_dataset(n, seed=seed, size=size, **world)
     chunks = [(min(chunk, n - start), (seed, k)) for k, start in enumerate(range(0, n, chunk))]

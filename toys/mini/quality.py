@@ -6,6 +6,7 @@ request accepts (256x256), and is judged by the deterministic scorer (toys.shape
 
 from __future__ import annotations
 
+import json
 import logging
 import tarfile
 import tempfile
@@ -18,8 +19,17 @@ from PIL import Image
 from flux.generate import generate
 from flux.loading import FluxModels
 from flux.request import build_request
+from toys.mini.spec import DEFAULT_DIR
 from toys.shape_scorer import Score, score_image
-from toys.shapes import Attributes, Example, generate_concept_dataset, held_out_prompts, render, write_dataset
+from toys.shapes import (
+    SIZES,
+    Attributes,
+    Example,
+    generate_concept_dataset,
+    held_out_prompts,
+    render,
+    write_dataset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +44,17 @@ class Accuracy:
     count: int
 
 
-def held_out_examples(count: int) -> list[Example]:
-    """The held-out colour/shape prompts every flux-mini check draws: plain backgrounds, the world
-    flux-mini trains on (no two-tone ones since issue 13)."""
-    return held_out_prompts(count, seed=0, size=SIDE, two_tone=0.0)
+def held_out_examples(count: int, build: Path = DEFAULT_DIR) -> list[Example]:
+    """The held-out colour/shape prompts every flux-mini check draws: the world the flux-mini in
+    `build` trains on: plain backgrounds (no two-tone ones since issue 13), its shape sizes."""
+    return held_out_prompts(count, seed=0, size=SIDE, two_tone=0.0, sizes=trained_sizes(build))
+
+
+def trained_sizes(build: Path) -> tuple[str, ...]:
+    """The shape sizes the transformer of the flux-mini in `build` saw (all, for builds from before
+    MiniSpec.sizes)."""
+    spec = json.loads((Path(build) / "build_info.json").read_text(encoding="utf-8"))["spec"]
+    return tuple(spec.get("sizes", SIZES))
 
 
 def prompts_of(examples: list[Example]) -> list[tuple[str, str, str]]:

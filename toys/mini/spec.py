@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from toys.shapes import SIZES
+
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "weights" / "flux-mini"
 
 
@@ -85,6 +87,9 @@ class MiniSpec:
     # (toys.mini.dataset; a GPU build waits minutes for one process). 0: one stream, as the CPU builds.
     draw_chunk: int = 0
     two_tone: float = 0.0  # share of two-tone backgrounds: their captions do not say how they split
+    # The shape sizes of the transformer's training images (toys.shapes.SIZES; the VAE sees them all).
+    # The small one costs shapes most (bench/flux_mini_world_probe.py) and no bar needs it (issue 13).
+    sizes: tuple[str, ...] = ("small", "medium", "large")
     batch: int = 8
     ema_decay: float | None = 0.999
     # T5 rows the transformer trains on: the first short_text_tokens plus the last one; the pads they
@@ -103,13 +108,17 @@ class MiniSpec:
 
 
 def with_overrides(spec: MiniSpec, settings: list[str]) -> MiniSpec:
-    """`spec` with FIELD=VALUE settings applied (build.py --set): a number field of MiniSpec, or
-    phase.FIELD for the last transformer phase. Unknown fields and non-numbers are refused by name."""
+    """`spec` with FIELD=VALUE settings applied (build.py --set): a number field of MiniSpec,
+    phase.FIELD for the last transformer phase, or sizes=medium,large. Unknown fields, names and
+    non-numbers are refused by name."""
     phase = spec.phases[-1]
     top: dict[str, float | int] = {}
     last: dict[str, float | int] = {}
     for setting in settings:
         name, _, text = setting.partition("=")
+        if name == "sizes":
+            top["sizes"] = _size_names(setting, text)
+            continue
         target, fields, field = (last, phase, name[6:]) if name.startswith("phase.") else (top, spec, name)
         current = (
             getattr(fields, field, None) if field in {f.name for f in dataclasses.fields(fields)} else None
@@ -123,3 +132,10 @@ def with_overrides(spec: MiniSpec, settings: list[str]) -> MiniSpec:
     if last:
         top["phases"] = (*spec.phases[:-1], dataclasses.replace(phase, **last))
     return dataclasses.replace(spec, **top)
+
+
+def _size_names(setting: str, text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(name in SIZES for name in names):
+        raise ValueError(f"--set {setting}: sizes takes a comma-separated list of {', '.join(SIZES)}")
+    return names
