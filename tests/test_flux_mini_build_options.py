@@ -109,6 +109,17 @@ def test_a_transformer_trained_on_an_earlier_builds_encoders(tmp_path):
     assert info["encoders_from"]["folder"] == str(earlier) and "vae" not in info["seconds"]
     assert info["spec"]["double_blocks"] == 1
 
+    # --retrain-clip: the VAE and T5 taken, CLIP trained afresh under the new spec (placement heads).
+    placed = dataclasses.replace(spec, clip_placement=1)
+    retrained = build_flux_mini(tmp_path / "retrained", placed, encoders_from=earlier, retrain_clip=True)
+    for part, same in (("vae", True), ("text_encoder_2", True), ("text_encoder", False)):
+        a, b = (
+            load_file(next((f / "FLUX.1-dev" / part).glob("*.safetensors"))) for f in (earlier, retrained)
+        )
+        assert all(torch.equal(a[k], b[k]) for k in a) == same, part
+    info = json.loads((retrained / "build_info.json").read_text())
+    assert "--retrain-clip" in info["encoders_from"]["clip"] and "text" in info["seconds"]
+
 
 def pooled_probe(clip, tokenizer, captions: list[str], labels: list[int]) -> float:
     """Held-out accuracy of a linear probe reading `labels` from CLIP's pooled vectors (half to fit)."""

@@ -70,13 +70,15 @@ def build_flux_mini(
     workers: int = 1,
     encoders_from: Path | None = None,
     finish_within: float | None = None,
+    retrain_clip: bool = False,
 ) -> Path:
     """resume: an earlier build of the same spec whose first phases are done: its VAE, text encoders
     and transformer are taken and only the remaining phases run. checkpoint_every: also save the
     transformer's EMA every so many steps under output_dir/checkpoints (bench/flux_mini_curve.py).
     workers: processes that draw the images (the same images whatever the number). encoders_from: an
     earlier build whose VAE and text encoders are taken as they are (a fresh transformer is trained on
-    them: the GPU build of issue 13). finish_within: seconds; the last phase's steps are cut so the
+    them: the GPU build of issue 13); with retrain_clip, CLIP is trained afresh under this spec (its
+    clip_placement) and only the VAE and T5 are taken. finish_within: seconds; the last phase's steps are cut so the
     build ends by then, and the spec recorded is the one run."""
     spec = spec or MiniSpec()
     output_dir = Path(output_dir)
@@ -102,6 +104,10 @@ def build_flux_mini(
             report["encoders_from"] = dict(
                 folder=str(encoders_from), spec=source["spec"], seconds=source["seconds"]
             )
+            if retrain_clip:
+                clip, report["clip_accuracy"] = _trained_clip(spec, first, clip_tok, t5_tok)
+                report["encoders_from"]["clip"] = "trained afresh by this build (--retrain-clip)"
+                lap("text")
         dev_transformer = build_transformer(spec, guidance_embeds=True, seed=spec.seed + 1)
         adaln_zero(dev_transformer)
         if checkpoint_every:
@@ -197,8 +203,21 @@ def _encoders(spec: MiniSpec, first: list, device, lap, workers: int = 1):
     set_latent_normalisation(vae.cpu(), [e.image for e in first[: min(256, spec.phases[0].images)]])
     lap("vae")
     clip_tok, t5_tok = build_tokenizers()
-    clip, t5 = build_text_encoders(clip_tok, t5_tok, spec.clip_dim, spec.t5_dim, spec.seed, spec.clip_layers)
-    clip_accuracy = train_clip(
+    _, t5 = build_text_encoders(clip_tok, t5_tok, spec.clip_dim, spec.t5_dim, spec.seed, spec.clip_layers)
+    clip, clip_accuracy = _trained_clip(spec, first, clip_tok, t5_tok)
+    lap("text")
+    report = dict(
+        vae_final_mse=round(sum(vae_losses[-50:]) / len(vae_losses[-50:]), 5),
+        clip_accuracy=clip_accuracy,
+        vae_round_trip=None if round_trip is None else dataclasses.asdict(round_trip),
+    )
+    return vae, clip, t5, clip_tok, t5_tok, report
+
+
+def _trained_clip(spec: MiniSpec, first: list, clip_tok, t5_tok):
+    """CLIP built under the spec's seed and trained on `first`'s captions; and its probe accuracy."""
+    clip, _ = build_text_encoders(clip_tok, t5_tok, spec.clip_dim, spec.t5_dim, spec.seed, spec.clip_layers)
+    accuracy = train_clip(
         clip,
         clip_tok,
         [e.caption for e in first],
@@ -207,13 +226,7 @@ def _encoders(spec: MiniSpec, first: list, device, lap, workers: int = 1):
         spec.seed,
         placement=bool(spec.clip_placement),
     )
-    lap("text")
-    report = dict(
-        vae_final_mse=round(sum(vae_losses[-50:]) / len(vae_losses[-50:]), 5),
-        clip_accuracy=clip_accuracy,
-        vae_round_trip=None if round_trip is None else dataclasses.asdict(round_trip),
-    )
-    return vae, clip, t5, clip_tok, t5_tok, report
+    return clip, accuracy
 
 
 def _save(output_dir: Path, vae, clip, t5, clip_tok, t5_tok, dev_transformer, spec: MiniSpec) -> None:
@@ -335,6 +348,11 @@ def main() -> None:
         help="an earlier build whose VAE and text encoders are used as they are (only a transformer is trained)",
     )
     parser.add_argument(
+        "--retrain-clip",
+        action="store_true",
+        help="with --encoders-from: train CLIP afresh under this spec (e.g. clip_placement=1), keep the VAE and T5",
+    )
+    parser.add_argument(
         "--finish-within",
         type=float,
         help="seconds: cut the last phase's steps (timed on a throwaway copy) so the build ends in time",
@@ -358,6 +376,8 @@ def main() -> None:
         "speed as soon as another process holds a core, see bench/RESULTS.md)",
     )
     args = parser.parse_args()
+    if args.retrain_clip and not args.encoders_from:
+        parser.error("--retrain-clip goes with --encoders-from (a full build trains CLIP anyway)")
     torch.set_num_threads(args.threads)
     if torch.cuda.is_available():
         # TF32 matrix products: fp32 training at tensor-core speed; a build is still one seed's result.
@@ -372,6 +392,7 @@ def main() -> None:
             args.workers,
             encoders_from=args.encoders_from,
             finish_within=args.finish_within,
+            retrain_clip=args.retrain_clip,
         )
         print(folder)
     except ValueError as error:
