@@ -57,7 +57,7 @@ class MiniSpec:
     clip_dim: int = 64
     clip_layers: int = 2
     clip_steps: int = 300
-    clip_placement: int = 0  # 1: CLIP also learns the position and size words (toys.mini.clip_training)
+    clip_placement: int = 1  # 1: CLIP also learns the position and size words (toys.mini.clip_training)
     t5_dim: int = 64
     # Transformer: 2 double + 4 single blocks, 4 heads x 32 = 128 wide.
     double_blocks: int = 2
@@ -72,9 +72,9 @@ class MiniSpec:
     phases: tuple[TransformerPhase, ...] = (
         # 64k samples, 2 of 3 batches at 128 px: colour and background learned, shapes barely (17 %).
         TransformerPhase(
-            steps=8000,
-            images=2400,
-            small_images=4800,
+            steps=26250,
+            images=5000,
+            small_images=8000,
             learning_rate=1.5e-3,
             warmup_steps=200,
             high_noise_share=0.5,
@@ -89,7 +89,7 @@ class MiniSpec:
     two_tone: float = 0.0  # share of two-tone backgrounds: their captions do not say how they split
     # The shape sizes of the transformer's training images (toys.shapes.SIZES; the VAE sees them all).
     # The small one costs shapes most (bench/flux_mini_world_probe.py) and no bar needs it (issue 13).
-    sizes: tuple[str, ...] = ("small", "medium", "large")
+    sizes: tuple[str, ...] = ("medium", "large")
     batch: int = 8
     ema_decay: float | None = 0.999
     # T5 rows the transformer trains on: the first short_text_tokens plus the last one; the pads they
