@@ -109,8 +109,9 @@ def test_a_transformer_trained_on_an_earlier_builds_encoders(tmp_path):
     assert info["encoders_from"]["folder"] == str(earlier) and "vae" not in info["seconds"]
     assert info["spec"]["double_blocks"] == 1
 
-    # --retrain-clip: the VAE and T5 taken, CLIP trained afresh under the new spec (placement heads).
-    placed = dataclasses.replace(spec, clip_placement=1)
+    # --retrain-clip: the VAE and T5 taken, CLIP trained afresh under a spec whose clip_placement
+    # differs from the earlier build's, so the new CLIP must differ.
+    placed = dataclasses.replace(spec, clip_placement=1 - quick_spec(phases=1).clip_placement)
     retrained = build_flux_mini(tmp_path / "retrained", placed, encoders_from=earlier, retrain_clip=True)
     for part, same in (("vae", True), ("text_encoder_2", True), ("text_encoder", False)):
         a, b = (

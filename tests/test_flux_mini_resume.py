@@ -80,7 +80,8 @@ def test_a_build_from_before_phases_counts_as_its_first_phase():
         spec=record, seconds={"transformer": 9.0}, transformer_final_loss=0.1, transformer_loss_curve=curve
     )
     runs = done_phases(earlier, spec)
-    assert runs == [dict(phase=1, samples=64000, seconds=9.0, final_loss=0.1, loss_curve=curve)]
+    samples = spec.phases[0].steps * spec.batch  # the default spec's phase, as the old record held it
+    assert runs == [dict(phase=1, samples=samples, seconds=9.0, final_loss=0.1, loss_curve=curve)]
 
 
 def test_the_committed_weights_are_the_default_spec_built():
