@@ -5,7 +5,8 @@
 Prints: the VAE's round-trip ceiling on held-out images; text-to-image colour/shape accuracy on held-out (unseen) colour/shape pairs and, for
 reference, on seen pairs; seed variety (spread of the scored shape centres); img2img at low and high
 prompt_strength; inpainting (change inside the mask, difference outside); recovery (held-out images
-noised to prompt_strength 0.5/0.7/0.9, redrawn with their caption: is the shape kept); and "training teaches":
+noised to prompt_strength 0.5/0.7/0.9, redrawn with their caption: is the shape kept); go_fast off and on
+(20 held-out prompts each, and whether the fp8 path ran); and "training teaches":
 a LoRA trained on hearts captioned TOK through training.job.run_training, then the share of
 "a TOK on a white background" images scored as hearts, and known-shape accuracy with the LoRA
 relative to without. All at 256x256, dev, its default 28 steps, seeds fixed; img2img and inpainting
@@ -84,6 +85,25 @@ def seed_variety(models, seeds: int = 8) -> dict:
         "red": sum(s.color == "red" for s in scores),
         "circle": sum(s.shape == "circle" for s in scores),
     }
+
+
+def go_fast_off_on(models, count: int, build: Path) -> dict:
+    """Held-out prompts drawn with go_fast off and on (the same seeds): accuracy of each, and whether
+    the fp8 + compiled path ran at all (it needs a CUDA GPU with fp8; elsewhere go_fast falls back)."""
+    prompts = quality.prompts_of(quality.held_out_examples(count, build))
+    result = {}
+    for go_fast in (False, True):
+        accuracy, _ = quality.accuracy(models, prompts, seed=1000, go_fast=go_fast)
+        result[f"go_fast_{str(go_fast).lower()}"] = accuracy.__dict__
+    off, on = (
+        np.asarray(quality.draw(models, prompts[0][0], 1000, go_fast=flag), np.int16)
+        for flag in (False, True)
+    )
+    result["max_pixel_difference_first_prompt"] = int(np.abs(off - on).max())
+    fast = models.fast
+    result["fp8_path_ran"] = bool(fast is not None and fast.transformers)
+    result["why_not"] = None if result["fp8_path_ran"] else (fast.support.reason if fast else "not set up")
+    return result
 
 
 def sources(count: int) -> list:
@@ -195,7 +215,7 @@ def main() -> None:
     parser.add_argument("--lora-steps", type=int, default=150)
     parser.add_argument("--samples", type=int, default=20, help="TOK samples scored after training")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", default="vae,t2i,variety,img2img,inpaint,recover,teach")
+    parser.add_argument("--only", default="vae,t2i,variety,img2img,inpaint,recover,go_fast,teach")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
@@ -214,6 +234,7 @@ def main() -> None:
         ("img2img", lambda: img2img(models, 4, work)),
         ("inpaint", lambda: inpainting(models, 4, work)),
         ("recover", lambda: recovery(models, 12, args.weights)),
+        ("go_fast", lambda: go_fast_off_on(models, 20, args.weights)),
         ("teach", lambda: training_teaches(models, work, args.lora_images, args.lora_steps, args.samples)),
     ]
     for name, run in steps:
