@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The two commands a newcomer needs, on a fresh machine with Python 3.11:
-#   ./run.sh predict -i prompt="a red circle on a white background"   # the real Cog server, built-in tiny model
+#   ./run.sh predict -i prompt="a large blue square on a white background" -i model=dev \
+#     -i aspect_ratio=custom -i width=256 -i height=256                # the real Cog server, built-in flux-mini
 #   ./run.sh train -i input_images=@photos.zip -i steps=20              # LoRA training through Cog (train.py)
 #   ./run.sh test                                                        # the test suite
 # Each installs what it needs first (a .venv here, pinned packages) and builds the tiny model if absent.

@@ -82,3 +82,34 @@ def test_the_server_draws_held_out_prompts(mini_server):
     assert sum(s.background == e.attributes.background for s, e in zip(scores, examples, strict=True)) >= 5, (
         seen
     )
+
+
+def readme_main_command() -> dict:
+    """The inputs of README.md's first `./run.sh predict` command (continuation lines joined)."""
+    import shlex
+
+    from cog_local import parse_inputs
+
+    text = (WEIGHTS.parents[1] / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if line.startswith("./run.sh predict"))
+    words = shlex.split(line, comments=True)
+    return parse_inputs([words[i + 1] for i, word in enumerate(words) if word == "-i"])
+
+
+@pytest.mark.server
+def test_the_readme_main_command_draws_its_prompt(mini_server):
+    """What a newcomer's first command writes is the shape and colour it asks for (README: seeds 0-9
+    give the prompted shape 9 times; here three seeds, two must)."""
+    from tests.test_server_predict import decode, succeeded
+    from toys.shape_scorer import score_image
+
+    inputs = readme_main_command()
+    words = inputs["prompt"].split()
+    colour, shape = words[words.index("on") - 2 : words.index("on")]
+    scores = [
+        score_image(decode(succeeded(mini_server.predict(**inputs, seed=seed))[0]).convert("RGB"))
+        for seed in range(3)
+    ]
+    seen = [(s.color, s.shape) for s in scores]
+    assert all(s.color == colour for s in scores), (inputs["prompt"], seen)
+    assert sum(s.shape == shape for s in scores) >= 2, (inputs["prompt"], seen)
