@@ -56,27 +56,31 @@ def mini_server(tiny_env, tmp_path_factory):
         yield CogClient(url, log_path)
 
 
-@pytest.mark.server
-def test_the_server_draws_held_out_prompts(mini_server):
+def served_score(client, prompt: str, seed: int, **inputs):
+    """The shapes scorer's reading of the image the server draws for `prompt` (dev, 256x256, png)."""
     from tests.test_server_predict import decode, succeeded
     from toys.mini import quality
     from toys.shape_scorer import score_image
 
+    output = client.predict(
+        prompt=prompt,
+        model="dev",
+        aspect_ratio="custom",
+        width=quality.SIDE,
+        height=quality.SIDE,
+        seed=seed,
+        output_format="png",
+        **inputs,
+    )
+    return score_image(decode(succeeded(output)[0]).convert("RGB"))
+
+
+@pytest.mark.server
+def test_the_server_draws_held_out_prompts(mini_server):
+    from toys.mini import quality
+
     examples = quality.held_out_examples(6)  # the library test's
-    scores = []
-    for index, example in enumerate(examples):
-        output = succeeded(
-            mini_server.predict(
-                prompt=example.caption,
-                model="dev",
-                aspect_ratio="custom",
-                width=quality.SIDE,
-                height=quality.SIDE,
-                seed=1000 + index,
-                output_format="png",
-            )
-        )
-        scores.append(score_image(decode(output[0]).convert("RGB")))
+    scores = [served_score(mini_server, e.caption, seed=1000 + i) for i, e in enumerate(examples)]
     seen = [(e.caption, s.color, s.shape, s.background) for e, s in zip(examples, scores, strict=True)]
     assert sum(s.color == e.attributes.color for s, e in zip(scores, examples, strict=True)) >= 4, seen
     assert sum(s.background == e.attributes.background for s, e in zip(scores, examples, strict=True)) >= 5, (

@@ -6,6 +6,7 @@ request accepts (256x256), and is judged by the deterministic scorer (toys.shape
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import tarfile
@@ -34,6 +35,7 @@ from toys.shapes import (
 log = logging.getLogger(__name__)
 
 SIDE = 256
+# The heart asked for with no colour, size or place (words every training caption has).
 CONCEPT_PROMPT = "a TOK on a white background"
 
 
@@ -102,25 +104,24 @@ def centre_distance(a: tuple[float, float], b: tuple[float, float]) -> float:
     return float(np.hypot(a[0] - b[0], a[1] - b[1]))
 
 
-def teach_concept(
-    models: FluxModels, work: Path, images: int = 16, steps: int = 150, seed: int = 0, rank: int = 16
-) -> Path:
-    """Train a LoRA on `images` hearts captioned with TOK through training.job.run_training (the
-    default recipe otherwise: learning rate 4e-4, AdamW, caption dropout 0.05); return its
-    lora.safetensors."""
-    from training.config import build_training_config
-    from training.job import run_training
-    from training.previews import PreviewSettings
+def concept_zip(folder: Path, images: int = 15, seed: int = 0) -> Path:
+    """The training zip a user would send to teach the heart: `images` hearts of any colour, medium or
+    large, anywhere, on white, each captioned with TOK in place of the shape word."""
+    return write_dataset(generate_concept_dataset(images, seed=seed, size=SIDE), Path(folder) / "hearts.zip")
 
-    zip_path = write_dataset(generate_concept_dataset(images, seed=seed, size=SIDE), work / "hearts.zip")
-    config = build_training_config(
-        steps=steps, resolution=str(SIDE), seed=seed, autocaption=False, lora_rank=rank
-    )
-    tar_path = run_training(config, zip_path, work / "out", models=models, previews=PreviewSettings(count=0))
-    with tarfile.open(tar_path) as archive:
+
+def concept_prompts(count: int, seed: int = 99) -> list[str]:
+    """Prompts that ask for the heart in the world's words ("a large red TOK on a white background,
+    top left"): captions of new concept examples, none of them a training image's (seed 0)."""
+    return [e.caption for e in generate_concept_dataset(count, seed=seed, size=SIDE)]
+
+
+def lora_from_tar(tar_bytes: bytes, folder: Path) -> Path:
+    """The lora.safetensors of a trained weights tar (the trainer's output)."""
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as archive:
         member = next(m for m in archive.getmembers() if m.name.endswith("lora.safetensors"))
-        archive.extract(member, work / "lora", filter="data")
-    return work / "lora" / member.name
+        archive.extract(member, folder, filter="data")
+    return Path(folder) / member.name
 
 
 def fuse(models: FluxModels, lora_file: Path, scale: float = 1.0):
