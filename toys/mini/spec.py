@@ -21,6 +21,16 @@ class TransformerPhase:
     high_noise_share: float  # of each batch drawn in (MiniSpec.high_noise_from, 1)
 
 
+_SECOND_PHASE = TransformerPhase(
+    steps=40000,
+    images=5000,
+    small_images=8000,
+    learning_rate=7.5e-4,
+    warmup_steps=200,
+    high_noise_share=0.5,
+)
+
+
 @dataclass(frozen=True)
 class MiniSpec:
     # Images: 256 px is the smallest size the container accepts (custom 256x256), so the model is
@@ -83,23 +93,9 @@ class MiniSpec:
         # 320k more samples from phase 1's weights at half its learning rate, then a short third run (a
         # build slip: the phase was listed twice and the second copy cut to 250 steps by
         # --finish-within): held-out colour 95 %, shape 45 % (2026-12-06).
-        TransformerPhase(
-            steps=40000,
-            images=5000,
-            small_images=8000,
-            learning_rate=7.5e-4,
-            warmup_steps=200,
-            high_noise_share=0.5,
-        ),
-        TransformerPhase(
-            steps=250,
-            images=5000,
-            small_images=8000,
-            learning_rate=7.5e-4,
-            warmup_steps=200,
-            high_noise_share=0.5,
-        ),
-        # Tried since, none drawing shapes (bench/RESULTS.md): a second phase of 48k samples mostly at
+        _SECOND_PHASE,
+        dataclasses.replace(_SECOND_PHASE, steps=250),
+        # Tried before these two, none drawing shapes (bench/RESULTS.md): a second phase of 48k samples mostly at
         # 256 px (2026-12-02); on an H200, 384k samples at 256 px, batch 128, 3+6 blocks (2026-12-04).
     )
     small_side: int = 128
