@@ -29,6 +29,9 @@ def test_resumed_build_equals_the_whole_build(tmp_path):
     assert [run["phase"] for run in info["transformer_phases"]] == [1, 2]
     assert info["transformer_phases"][1]["loss_curve"][-1]["samples"] == (3 + 2) * 8
     assert info["resumed_from"]["folder"] == str(first)
+    # The parts loaded from `first` do not carry its folder (a path on the build machine) into the configs.
+    configs = [c.read_text() for c in resumed.glob("FLUX.1-*/*/config.json")]
+    assert configs and not [c for c in configs if "_name_or_path" in c]
     # The learning-curve checkpoints: the EMA after each step of phase 2, samples counted from the start.
     names = sorted(p.name for p in (resumed / "checkpoints").iterdir())
     assert names == ["phase2-samples0000032.safetensors", "phase2-samples0000040.safetensors"]

@@ -267,7 +267,18 @@ def _write_variant(output_dir: Path, name: str, transformer, shared: dict) -> No
     )
     folder = output_dir / VARIANTS[name].folder
     pipe.save_pretrained(folder, safe_serialization=True)
+    _drop_load_paths(folder)
     log.info("wrote flux-mini %s to %s", name, folder)
+
+
+def _drop_load_paths(folder: Path) -> None:
+    """Remove `_name_or_path` from the diffusers configs: a resumed build loaded its VAE and
+    transformer from the earlier build, and diffusers would write that folder, a path on the build
+    machine, into the committed weights (loading ignores it)."""
+    for config_file in folder.glob("*/config.json"):
+        config = json.loads(config_file.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def phase_examples(spec: MiniSpec, index: int, workers: int = 1):
