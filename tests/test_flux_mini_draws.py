@@ -1,4 +1,4 @@
-"""The committed flux-mini draws the prompted colour (issue 13), judged by the shapes scorer.
+"""The committed flux-mini draws the prompted colour and shape (issue 13), judged by the shapes scorer.
 
 Held-out colour/shape pairs (never in training) at 256x256, dev, 28 steps: through the container's
 request path (build_request -> generate) and through the real Cog server, as `cog predict` sends
@@ -30,15 +30,16 @@ def models():
         yield load_flux(("dev",), device=torch.device("cpu"))
 
 
-def test_held_out_prompts_get_their_colour(models):
+def test_held_out_prompts_get_their_colour_and_shape(models):
     from toys.mini import quality
 
     examples = quality.held_out_examples(6)
     prompts = quality.prompts_of(examples)
     result, scores = quality.accuracy(models, prompts, seed=1000)
-    assert result.color >= 4 / 6, [
-        (p, s.color, s.shape) for (p, _, _), s in zip(prompts, scores, strict=True)
-    ]
+    drawn = [(p, s.color, s.shape) for (p, _, _), s in zip(prompts, scores, strict=True)]
+    # Measured: 6 of 6 colours, 5 of 6 shapes (100 prompts: 94 % / 64 %, bench/RESULTS.md).
+    assert result.color >= 4 / 6, drawn
+    assert result.shape >= 3 / 6, drawn
     backgrounds = sum(s.background == e.attributes.background for s, e in zip(scores, examples, strict=True))
     assert backgrounds >= 5
 
@@ -83,6 +84,7 @@ def test_the_server_draws_held_out_prompts(mini_server):
     scores = [served_score(mini_server, e.caption, seed=1000 + i) for i, e in enumerate(examples)]
     seen = [(e.caption, s.color, s.shape, s.background) for e, s in zip(examples, scores, strict=True)]
     assert sum(s.color == e.attributes.color for s, e in zip(scores, examples, strict=True)) >= 4, seen
+    assert sum(s.shape == e.attributes.shape for s, e in zip(scores, examples, strict=True)) >= 3, seen
     assert sum(s.background == e.attributes.background for s, e in zip(scores, examples, strict=True)) >= 5, (
         seen
     )
