@@ -106,7 +106,7 @@ class MiniSpec:
             warmup_steps=200,
             high_noise_share=0.5,
         ),
-        # Tried before these two, none drawing shapes (bench/RESULTS.md): a second phase of 48k samples mostly at
+        # Tried before these phases, none drawing shapes (bench/RESULTS.md): a second phase of 48k samples mostly at
         # 256 px (2026-12-02); on an H200, 384k samples at 256 px, batch 128, 3+6 blocks (2026-12-04).
     )
     small_side: int = 128
