@@ -21,14 +21,17 @@ class TransformerPhase:
     high_noise_share: float  # of each batch drawn in (MiniSpec.high_noise_from, 1)
 
 
-_SECOND_PHASE = TransformerPhase(
-    steps=40000,
-    images=5000,
-    small_images=8000,
-    learning_rate=7.5e-4,
-    warmup_steps=200,
-    high_noise_share=0.5,
-)
+def _phase(steps: int, learning_rate: float) -> TransformerPhase:
+    """A phase of the committed build: each draws 5,000 + 8,000 new images, warms up for 200 steps and
+    puts half of each batch at high noise; they differ in length and learning rate only."""
+    return TransformerPhase(
+        steps=steps,
+        images=5000,
+        small_images=8000,
+        learning_rate=learning_rate,
+        warmup_steps=200,
+        high_noise_share=0.5,
+    )
 
 
 @dataclass(frozen=True)
@@ -82,30 +85,16 @@ class MiniSpec:
     phases: tuple[TransformerPhase, ...] = (
         # 210k samples, 8 of 13 images at 128 px, medium and large shapes: held-out colour 93 %, shape
         # 38 % (2026-12-06; the all-sizes build of 2026-12-02 with 64k: 83 % / 17 %).
-        TransformerPhase(
-            steps=26250,
-            images=5000,
-            small_images=8000,
-            learning_rate=1.5e-3,
-            warmup_steps=200,
-            high_noise_share=0.5,
-        ),
+        _phase(26250, 1.5e-3),
         # 320k more samples from phase 1's weights at half its learning rate, then a short third run (a
         # build slip: the phase was listed twice and the second copy cut to 250 steps by
         # --finish-within): held-out colour 95 %, shape 45 % (2026-12-06).
-        _SECOND_PHASE,
-        dataclasses.replace(_SECOND_PHASE, steps=250),
+        _phase(40000, 7.5e-4),
+        _phase(250, 7.5e-4),
         # 160k more samples (690k in all), fresh images, at about half phase 2's learning rate: held-out
         # colour 94 %, shape 64 % (2026-12-06), shape rising through the phase (51, 58, 62, 64 % every
         # 40k samples) where phase 2, at twice the rate, gained 6 points in 320k.
-        TransformerPhase(
-            steps=20000,
-            images=5000,
-            small_images=8000,
-            learning_rate=4e-4,
-            warmup_steps=200,
-            high_noise_share=0.5,
-        ),
+        _phase(20000, 4e-4),
         # Tried before these phases, none drawing shapes (bench/RESULTS.md): a second phase of 48k samples mostly at
         # 256 px (2026-12-02); on an H200, 384k samples at 256 px, batch 128, 3+6 blocks (2026-12-04).
     )
