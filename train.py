@@ -1,10 +1,11 @@
 """Cog adapter for LoRA training on FLUX.1 dev: declare the inputs, call training/, return the weights tar.
 
 Input names, defaults and ranges are those of the public FLUX.1 LoRA trainer (replicate/flux-fine-tuner),
-in its order, so existing users send the same requests; `seed` is the one addition. `cog build` reads
-the Input(...) declarations as text, so they hold only literals; tests/test_cog_schema.py checks them
-against training.config. training.config checks every rule (the Cog server does not without a built
-schema); the README lists where behaviour differs from the public trainer and why.
+in its order, so existing users send the same requests; `seed` and diff_output_preservation_* (off by
+default) are additions. `cog build` reads the Input(...) declarations as text, so they hold only
+literals; tests/test_cog_schema.py checks them against training.config. training.config checks every
+rule (the Cog server does not without a built schema); the README lists where behaviour differs from
+the public trainer and why.
 """
 
 import logging
@@ -144,6 +145,16 @@ def train(
         description="Random seed (0-4294967295); empty draws one (saved in config.json).",
         default=None,
     ),
+    diff_output_preservation_class: str | None = Input(
+        description="A word for what the trigger word stands for (e.g. 'person', 'dog', 'shape'). With it, each step also trains the LoRA to draw what the base model draws for the caption with this word in place of the trigger word, so prompts without the trigger word stay as they were (ai-toolkit's differential output preservation; about twice the time per step). Empty: off.",
+        default=None,
+    ),
+    diff_output_preservation_multiplier: float = Input(
+        description="Weight of the preservation term against the training loss (0-10; 0 turns it off).",
+        default=1.0,
+        ge=0,
+        le=10,
+    ),
 ) -> TrainingOutput:
     # Library logs (progress, fallbacks, warnings) go to stdout, which Cog returns as the training's logs.
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
@@ -178,6 +189,8 @@ def train(
         autocaption=autocaption,
         autocaption_prefix=autocaption_prefix,
         autocaption_suffix=autocaption_suffix,
+        diff_output_preservation_class=diff_output_preservation_class,
+        diff_output_preservation_multiplier=diff_output_preservation_multiplier,
         has_hf_token=bool(token),
     )
     wandb = build_wandb_settings(

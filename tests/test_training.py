@@ -15,6 +15,7 @@ from errors import UserInputError
 from tests.training_helpers import make_zip
 from training import buckets
 from training.config import OPTIMIZERS, build_training_config, parse_resolutions
+from training.dataset import replace_trigger
 from training.export import draw_loss_curve
 from training.hub import model_card, push_to_hub
 from training.job import run_training
@@ -55,6 +56,9 @@ SECRET = "hf_supersecrettoken123"
         ("hf_repo_id", "not a repo"),
         ("cache_latents_to_disk", "yes"),
         ("trigger_word", "two\nlines"),
+        ("diff_output_preservation_class", "two\nlines"),
+        ("diff_output_preservation_multiplier", -1),
+        ("diff_output_preservation_multiplier", 11),
     ],
 )
 def test_config_errors_name_the_field(field, value):
@@ -98,6 +102,15 @@ def test_config_defaults_and_rules():
         build_training_config(hf_repo_id="me/my-lora", has_hf_token=True, seed=1).hf_repo_id == "me/my-lora"
     )
     assert build_training_config(seed=None).seed >= 0  # drawn and recorded
+    # differential output preservation: off by default; the class word replaces the trigger word
+    assert config.diff_output_preservation_class is None
+    with pytest.raises(UserInputError, match="diff_output_preservation_class"):
+        build_training_config(trigger_word="", diff_output_preservation_class="dog", seed=1)
+    off = build_training_config(
+        diff_output_preservation_class="dog", diff_output_preservation_multiplier=0, seed=1
+    )
+    assert off.diff_output_preservation_class is None
+    assert replace_trigger("TOK, a TOK dog by TOKYO", "TOK", "dog") == "dog, a dog dog by TOKYO"
 
 
 # ---------- buckets ----------
@@ -313,6 +326,22 @@ def test_same_seed_same_bytes_memory_or_disk_cache(tiny, data_zip, tmp_path):
         with tarfile.open(tar_path) as tar:
             files.append(tar.extractfile("lora.safetensors").read())
     assert files[0] == files[1]  # the same seed gives the same bytes, cached in memory or on disk
+
+
+def test_output_preservation_changes_the_lora_and_is_recorded(tiny, data_zip, tmp_path):
+    """diff_output_preservation_class through the whole job: its captions cached, the second term
+    trained (a different LoRA from the same seed), the setting saved in config.json."""
+    common = dict(steps=3, lora_rank=2, resolution="256", seed=11, optimizer="adamw")
+    files, configs = [], []
+    for index, preserved in enumerate((None, "square")):
+        config = build_training_config(**common, diff_output_preservation_class=preserved)
+        tar_path = run_training(config, data_zip, tmp_path / str(index), models=tiny, previews=NO_PREVIEWS)
+        with tarfile.open(tar_path) as tar:
+            files.append(tar.extractfile("lora.safetensors").read())
+            configs.append(json.loads(tar.extractfile("config.json").read()))
+    assert files[0] != files[1]
+    assert configs[1]["diff_output_preservation_class"] == "square"
+    assert configs[1]["diff_output_preservation_multiplier"] == 1.0
 
 
 def test_layers_regex_filters_and_no_match_lists_layers(tiny, data_zip, tmp_path):

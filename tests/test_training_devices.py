@@ -30,8 +30,12 @@ def count_optimizer_steps():
     return steps, handle
 
 
-@pytest.mark.parametrize("model, checkpointing", [("dev", False), ("dev", True), ("schnell", False)])
-def test_lora_training_step_runs_with_the_model_on_another_device(model, checkpointing):
+@pytest.mark.parametrize(
+    "model, checkpointing, preserved",
+    [("dev", False, False), ("dev", True, False), ("schnell", False, False), ("dev", False, True)],
+)
+def test_lora_training_step_runs_with_the_model_on_another_device(model, checkpointing, preserved):
+    """preserved: with diff_output_preservation's second forward (the base's, adapters off) and backward."""
     transformer = meta_transformer(guidance_embeds=model == "dev")
     config = build_training_config(
         steps=3,
@@ -41,8 +45,11 @@ def test_lora_training_step_runs_with_the_model_on_another_device(model, checkpo
         optimizer="adamw",
         caption_dropout_rate=0.5,  # the dropout mask is drawn on the CPU too
         gradient_checkpointing=checkpointing,
+        diff_output_preservation_class="person" if preserved else None,
     )
     steps, handle = count_optimizer_steps()
+    forwards = []
+    counter = transformer.register_forward_hook(lambda *_: forwards.append(1))
     try:
         with lora_adapter(transformer, 2, block_linear_names(transformer), seed=1):
             params = lora_parameters(transformer)
@@ -56,7 +63,7 @@ def test_lora_training_step_runs_with_the_model_on_another_device(model, checkpo
             result = train_parameters(
                 transformer,
                 params,
-                synthetic_cache(SAMPLES),
+                synthetic_cache(SAMPLES, preserved=preserved),
                 SAMPLES,
                 config,
                 SCHEDULERS[model],
@@ -66,7 +73,9 @@ def test_lora_training_step_runs_with_the_model_on_another_device(model, checkpo
             assert all(p.is_meta for p in params) and reports == [1, 2, 3]
     finally:
         handle.remove()
+        counter.remove()
     assert len(steps) == 3 and len(result.losses) == 3
+    assert len(forwards) == 3 * (3 if preserved else 1)  # + the base's and the LoRA's on the class caption
     assert result.gradient_checkpointing is checkpointing
     assert not transformer.is_gradient_checkpointing  # switched off again after the loop
 

@@ -75,6 +75,13 @@ def test_bad_input_fails_with_the_field_named(train_server, tmp_path):
     )
     assert result["status"] == "failed"
     assert "hf_token" in result["error"]
+    result = run_job(
+        train_server,
+        "train",
+        {"input_images": zip_data_url(tmp_path), "diff_output_preservation_multiplier": 11, "steps": 3},
+    )
+    assert result["status"] == "failed"
+    assert "diff_output_preservation_multiplier" in result["error"] and "11" in result["error"]
 
 
 def test_the_trained_tar_works_as_lora_weights_in_predict(train_server, predict_server, tmp_path):

@@ -37,18 +37,25 @@ def make_zip(path: Path, images=IMAGES) -> Path:
     return path
 
 
-def synthetic_cache(samples: list[Sample]) -> TrainingCache:
-    """A cache as build_cache leaves it (CPU tensors), without running the VAE and text encoders."""
+def synthetic_cache(samples: list[Sample], preserved: bool = False) -> TrainingCache:
+    """A cache as build_cache leaves it (CPU tensors), without running the VAE and text encoders;
+    preserved: with the class-word captions the preservation loss reads (caption 2)."""
     g = torch.Generator().manual_seed(0)
     latents, texts = TensorStore(None), TensorStore(None)
     for number, s in enumerate(samples):
         latents.put(str(number), {"latents": torch.randn(16, s.height // 8, s.width // 8, generator=g)})
-    for number in range(2):  # caption 0 and the empty caption 1
+    for number in range(3 if preserved else 2):  # caption 0, the empty caption 1, the class-word one 2
         texts.put(
             str(number),
             {"prompt": torch.randn(SEQ, TEXT_DIM, generator=g), "pooled": torch.randn(TEXT_DIM, generator=g)},
         )
-    return TrainingCache(latents=latents, texts=texts, caption_of_sample=[0] * len(samples), empty_caption=1)
+    return TrainingCache(
+        latents=latents,
+        texts=texts,
+        caption_of_sample=[0] * len(samples),
+        empty_caption=1,
+        preserved_caption_of_sample=[2] * len(samples) if preserved else None,
+    )
 
 
 def meta_transformer(guidance_embeds: bool = True) -> torch.nn.Module:

@@ -54,7 +54,10 @@ DEFAULTS = dict(
     autocaption=True,
     autocaption_prefix=None,
     autocaption_suffix=None,
+    diff_output_preservation_class=None,
+    diff_output_preservation_multiplier=1.0,
 )
+MAX_PRESERVATION_MULTIPLIER = 10.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,10 @@ class TrainingConfig:
     autocaption: bool = True  # caption images without a .txt with a vision-language model
     autocaption_prefix: str | None = None  # added in code: captioners drop instructions to add them
     autocaption_suffix: str | None = None
+    # Differential output preservation (training.recipe.preservation_loss): the class word that stands
+    # for the trigger word in the base model's own output (None: off), and the weight of that term.
+    diff_output_preservation_class: str | None = None
+    diff_output_preservation_multiplier: float = 1.0
 
     @property
     def lora_alpha(self) -> int:
@@ -109,6 +116,8 @@ def build_training_config(
     autocaption: bool = DEFAULTS["autocaption"],
     autocaption_prefix: str | None = DEFAULTS["autocaption_prefix"],
     autocaption_suffix: str | None = DEFAULTS["autocaption_suffix"],
+    diff_output_preservation_class: str | None = DEFAULTS["diff_output_preservation_class"],
+    diff_output_preservation_multiplier: float = DEFAULTS["diff_output_preservation_multiplier"],
     has_hf_token: bool = False,
 ) -> TrainingConfig:
     """Check every input; raise UserInputError naming the first bad field, before any heavy work."""
@@ -164,6 +173,24 @@ def build_training_config(
     elif has_hf_token:
         log.warning("hf_token given without hf_repo_id: nothing will be pushed to the Hugging Face Hub")
     _bool("autocaption", autocaption)
+    preservation_class = _affix("diff_output_preservation_class", diff_output_preservation_class)
+    if preservation_class is not None and not trigger_word.strip():
+        raise UserInputError(
+            "diff_output_preservation_class",
+            preservation_class,
+            "empty when trigger_word is empty (it replaces the trigger word in the captions)",
+        )
+    if not _is_number(diff_output_preservation_multiplier) or not (
+        0 <= diff_output_preservation_multiplier <= MAX_PRESERVATION_MULTIPLIER
+    ):
+        raise UserInputError(
+            "diff_output_preservation_multiplier",
+            diff_output_preservation_multiplier,
+            f"a number from 0 to {MAX_PRESERVATION_MULTIPLIER:g} (0 turns the preservation off)",
+        )
+    if preservation_class is not None and diff_output_preservation_multiplier == 0:
+        log.warning("diff_output_preservation_multiplier=0: no preservation, the class word is not used")
+        preservation_class = None
     return TrainingConfig(
         trigger_word=trigger_word.strip(),
         steps=steps,
@@ -181,6 +208,8 @@ def build_training_config(
         autocaption=autocaption,
         autocaption_prefix=_affix("autocaption_prefix", autocaption_prefix),
         autocaption_suffix=_affix("autocaption_suffix", autocaption_suffix),
+        diff_output_preservation_class=preservation_class,
+        diff_output_preservation_multiplier=float(diff_output_preservation_multiplier),
     )
 
 

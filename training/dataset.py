@@ -320,3 +320,9 @@ def _nothing_usable(entries: list[str], skipped: list[tuple[str, str]]) -> str:
         f"expected at least one readable image ({kinds}) in the zip, optionally with same-name .txt captions; "
         f"found {len(entries)} entries: {'; '.join(shown)}{more}"
     )
+
+
+def replace_trigger(caption: str, trigger_word: str, replacement: str) -> str:
+    """The caption with every whole-word trigger word replaced ("TOK, a red TOK" -> "shape, a red shape")."""
+    pattern = rf"(?<!\w){re.escape(trigger_word.strip())}(?!\w)"
+    return re.sub(pattern, lambda _: replacement, caption)

@@ -24,7 +24,7 @@ from training.autocaption import autocaption_dataset
 from training.buckets import assign_buckets
 from training.cache import build_cache, move_encoders
 from training.config import TrainingConfig
-from training.dataset import load_training_zip
+from training.dataset import load_training_zip, replace_trigger
 from training.export import TAR_NAME, lora_metadata, save_lora_file, write_tar, write_training_folder
 from training.hub import model_card, push_to_hub
 from training.loop import EMA_DECAY, StepCallback, StepReport, lora_adapter, lora_state_dict, train_lora
@@ -98,6 +98,12 @@ def run_training(
             samples,
             variant.max_sequence_length,
             work / "cache" if config.cache_latents_to_disk else None,
+            preserved_captions=None
+            if config.diff_output_preservation_class is None
+            else [
+                replace_trigger(e.caption, config.trigger_word, config.diff_output_preservation_class)
+                for e in examples
+            ],
         )
         del examples  # the decoded images are in the cache now
         move_encoders(models, "cpu")

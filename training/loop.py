@@ -30,7 +30,13 @@ from training.memory import activation_scale, needs_checkpointing, step_memory_g
 from training.optimizer_trial import checked_optimizer
 from training.optimizers import build_optimizer
 from training.precision import forward_precision, keep_lora_inputs_in_base_dtype
-from training.recipe import TRAINING_GUIDANCE, flow_matching_loss, lora_config, sample_timesteps
+from training.recipe import (
+    TRAINING_GUIDANCE,
+    flow_matching_loss,
+    lora_config,
+    preservation_loss,
+    sample_timesteps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +220,14 @@ def train_parameters(
             value = loss_value(loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cache.preserved_caption_of_sample is not None:
+                # Its own forward and backward after the first's: one graph alive at a time.
+                kept_prompts, kept_pooled = _load_texts(batch, cache, cache.preserved_caption_of_sample)
+                with forward_precision(transformer):
+                    kept = preservation_loss(
+                        transformer, latents, noise, t, kept_prompts, kept_pooled, guidance
+                    )
+                (config.diff_output_preservation_multiplier * kept).backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
             if ema is not None:
@@ -317,15 +331,21 @@ def _batches(samples: list[Sample], batch_size: int, rng: random.Random) -> Iter
 def _load_batch(
     batch: list[int], cache: TrainingCache, samples: list[Sample], dropout: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    latents, prompts, pooled = [], [], []
+    latents = torch.stack([cache.latents.get(str(number))["latents"] for number in batch])
     drops = torch.rand(len(batch), generator=generator) < dropout
-    for number, drop in zip(batch, drops.tolist(), strict=True):
-        latents.append(cache.latents.get(str(number))["latents"])
-        caption = cache.empty_caption if drop else cache.caption_of_sample[number]
-        text = cache.texts.get(str(caption))
-        prompts.append(text["prompt"])
-        pooled.append(text["pooled"])
-    return torch.stack(latents), torch.stack(prompts), torch.stack(pooled)
+    captions = [
+        cache.empty_caption if drop else cache.caption_of_sample[number]
+        for number, drop in zip(batch, drops.tolist(), strict=True)
+    ]
+    return latents, *_load_texts(captions, cache)
+
+
+def _load_texts(
+    numbers: list[int], cache: TrainingCache, caption_of: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The T5 and pooled CLIP embeddings of captions by number (or of caption_of[n] for each n)."""
+    texts = [cache.texts.get(str(n if caption_of is None else caption_of[n])) for n in numbers]
+    return torch.stack([t["prompt"] for t in texts]), torch.stack([t["pooled"] for t in texts])
 
 
 def _use_checkpointing(

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from PIL import Image
@@ -152,17 +154,69 @@ def flow_matching_loss(
     Inputs may come from the CPU (the loop draws every random number there, so the noise is the same
     on every device): each is moved to the transformer's device before it meets another tensor, since
     an accelerator refuses to mix its tensors with CPU ones (only 0-dim CPU tensors may)."""
-    batch, _, height, width = latents.shape
-    param = next(p for p in transformer.parameters())
-    device, dtype = param.device, param.dtype
+    noisy, t = _noised(transformer, latents, noise, t)
+    target = pack_latents(noise.to(noisy.device, torch.float32) - latents.to(noisy.device, torch.float32))
+    prediction = predict_velocity(transformer, noisy, t, prompt_embeds, pooled_embeds, guidance)
+    return torch.nn.functional.mse_loss(prediction.float(), target.float())
+
+
+def preservation_loss(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_embeds: torch.Tensor,
+    guidance: float | None,
+) -> torch.Tensor:
+    """Differential output preservation (ai-toolkit's diff_output_preservation): on the same noisy
+    image, with the caption's trigger word replaced by its class word, the model with the LoRA should
+    predict what the base model predicts. Without it a LoRA trained on a handful of images of one
+    subject learns to draw that subject whatever the prompt says; this term gives it the one negative
+    example it lacks (a prompt without the trigger keeps the base's behaviour)."""
+    noisy, t = _noised(transformer, latents, noise, t)
+    with torch.no_grad(), adapters_disabled(transformer):
+        base = predict_velocity(transformer, noisy, t, prompt_embeds, pooled_embeds, guidance)
+    prediction = predict_velocity(transformer, noisy, t, prompt_embeds, pooled_embeds, guidance)
+    return torch.nn.functional.mse_loss(prediction.float(), base.float())
+
+
+@contextmanager
+def adapters_disabled(transformer: torch.nn.Module) -> Iterator[None]:
+    """The base model's forward, on a transformer carrying a LoRA (peft's adapters bypassed)."""
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
+
+
+def _noised(
+    transformer: torch.nn.Module, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t = (1 - t) x0 + t noise on the transformer's device, fp32, unpacked; and t there."""
+    device = next(transformer.parameters()).device
     latents = latents.to(device=device, dtype=torch.float32)
     noise = noise.to(device=device, dtype=torch.float32)
     t = t.to(device=device, dtype=torch.float32)
-    t_b = t.view(batch, 1, 1, 1)
-    noisy = (1 - t_b) * latents + t_b * noise
-    target = pack_latents(noise - latents)
+    t_b = t.view(latents.shape[0], 1, 1, 1)
+    return (1 - t_b) * latents + t_b * noise, t
+
+
+def predict_velocity(
+    transformer: torch.nn.Module,
+    noisy: torch.Tensor,
+    t: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_embeds: torch.Tensor,
+    guidance: float | None,
+) -> torch.Tensor:
+    """The transformer's velocity for unpacked noisy latents [B, 16, h, w] at t, packed [B, tokens, 64]."""
+    batch, _, height, width = noisy.shape
+    param = next(p for p in transformer.parameters())
+    device, dtype = param.device, param.dtype
     guidance_input = None if guidance is None else torch.full((batch,), guidance, device=device, dtype=dtype)
-    prediction = transformer(
+    return transformer(
         hidden_states=pack_latents(noisy).to(device=device, dtype=dtype),
         timestep=t.to(dtype),
         guidance=guidance_input,
@@ -172,4 +226,3 @@ def flow_matching_loss(
         img_ids=latent_image_ids(height, width, device, dtype),
         return_dict=False,
     )[0]
-    return torch.nn.functional.mse_loss(prediction.float(), target.float())
