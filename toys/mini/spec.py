@@ -95,6 +95,9 @@ class MiniSpec:
         # colour 94 %, shape 64 % (2026-12-06), shape rising through the phase (51, 58, 62, 64 % every
         # 40k samples) where phase 2, at twice the rate, gained 6 points in 320k.
         _phase(20000, 4e-4),
+        # 200k more samples (890k in all), fresh images, at 3e-4: held-out shape 61, 62, 65, 68 % every
+        # 40k samples (2026-12-06), still rising; colour 95-97 %.
+        _phase(25000, 3e-4),
         # Tried before these phases, none drawing shapes (bench/RESULTS.md): a second phase of 48k samples mostly at
         # 256 px (2026-12-02); on an H200, 384k samples at 256 px, batch 128, 3+6 blocks (2026-12-04).
     )
