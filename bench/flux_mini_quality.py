@@ -8,8 +8,8 @@ prompt_strength; inpainting (each shape masked and recoloured red: change inside
 noised to prompt_strength 0.5/0.7/0.9, redrawn with their caption: is the shape kept); go_fast off and on
 (20 held-out prompts each, and whether the fp8 path ran); and "training teaches":
 a LoRA trained through the real Cog trainer (train.py in `python -m cog.server.http`) on 15 hearts
-captioned TOK, then the share of hearts drawn for prompts that ask for one, and held-out accuracy with
-the LoRA against without. All at 256x256, dev, its default 28 steps, seeds fixed; img2img and inpainting
+captioned TOK (with diff_output_preservation_class "shape" unless --lora-preservation-class ''), then the
+share of hearts drawn for prompts that ask for one, and held-out accuracy with the LoRA against without. All at 256x256, dev, its default 28 steps, seeds fixed; img2img and inpainting
 call the diffusers pipelines on the loaded components directly (quality.edit), at exactly 256x256.
 """
 
@@ -201,11 +201,20 @@ def train_through_cog(zip_path: Path, build: Path, work: Path, **inputs) -> byte
 
 
 def training_teaches(
-    models, work: Path, build: Path, images: int, steps: int, learning_rate: float, rank: int, samples: int
+    models,
+    work: Path,
+    build: Path,
+    images: int,
+    steps: int,
+    learning_rate: float,
+    rank: int,
+    samples: int,
+    preservation: tuple[str, float],
 ) -> dict:
     """A heart LoRA trained through the Cog trainer on `images` hearts captioned with TOK: the share of
     hearts drawn for prompts that ask for one (in the world's words, and as the bare "a TOK on a white
-    background"), and the held-out colour/shape accuracy with the LoRA against without."""
+    background"), and the held-out colour/shape accuracy with the LoRA against without.
+    preservation: diff_output_preservation_class and _multiplier ("" for none)."""
     held = quality.prompts_of(quality.held_out_examples(40, build))
     asks = quality.concept_prompts(samples)
 
@@ -227,6 +236,8 @@ def training_teaches(
         resolution=str(quality.SIDE),
         autocaption=False,
         seed=0,
+        diff_output_preservation_class=preservation[0] or None,
+        diff_output_preservation_multiplier=preservation[1],
     )
     tar = train_through_cog(quality.concept_zip(work, images), build, work, **inputs)
     train_seconds = time.perf_counter() - started
@@ -259,6 +270,12 @@ def main() -> None:
     parser.add_argument("--lora-steps", type=int, default=2000)
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument(
+        "--lora-preservation-class",
+        default="shape",
+        help="the trainer's diff_output_preservation_class ('' for none)",
+    )
+    parser.add_argument("--lora-preservation-multiplier", type=float, default=1.0)
     parser.add_argument("--samples", type=int, default=20, help="heart prompts scored, each way")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", default="vae,t2i,variety,img2img,inpaint,recover,go_fast,teach")
@@ -292,6 +309,7 @@ def main() -> None:
                 args.lora_lr,
                 args.lora_rank,
                 args.samples,
+                (args.lora_preservation_class, args.lora_preservation_multiplier),
             ),
         ),
     ]

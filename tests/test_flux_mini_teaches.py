@@ -1,13 +1,16 @@
 """Training teaches (issue 13): a LoRA trained through the real Cog trainer on 15 images of the heart,
-a shape flux-mini never saw, makes the committed flux-mini draw hearts when a prompt asks for one.
+a shape flux-mini never saw, makes the committed flux-mini draw hearts when a prompt asks for one, and,
+trained with diff_output_preservation_class, leaves prompts without the trigger word as they were.
 
 The user's path end to end: `cog train` with a zip of captioned images and a trigger word on the
 committed flux-mini, then the trained tar as `replicate_weights` of predictions, each through the real
-Cog server; the images are judged by the shapes scorer. The full figures (2,000 steps: hearts in 80 % of
-20 prompts, held-out accuracy kept) are in bench/RESULTS.md ("training teaches"). Here a short training
-(600 steps at a higher learning rate, ~100 s) that draws the heart for 4 of these 8 prompts on the
-development machine, against none without the LoRA; the test asks for 3 to leave room for the server's
-path differing from the bench's in the last bits.
+Cog server; the images are judged by the shapes scorer. The full figures (2,000 steps: hearts in 85 % of
+20 prompts, held-out shape kept 72 %) are in bench/RESULTS.md ("training teaches"). Here a short training
+(600 steps at a higher learning rate, ~4 min with the preservation's second forward) measured on the
+development machine: hearts for 3 of these 8 prompts against none without the LoRA; 8 held-out prompts
+of other shapes: no heart, 4 shapes right against 6 without the LoRA (without the preservation, on the
+earlier build: 2 hearts, 3 right against 5). The test asks for 2 hearts, at most 1 heart elsewhere and
+at most 2 shapes lost, leaving room for the server's path differing from the bench's in the last bits.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def trained_tar(tiny_env, tmp_path_factory) -> bytes:
         "resolution": str(quality.SIDE),
         "autocaption": False,
         "seed": 0,
+        "diff_output_preservation_class": "shape",  # keeps prompts without TOK as they were
     }
     env = {**tiny_env, "FLUX_WEIGHTS_DIR": str(WEIGHTS), "LORA_PREVIEW_STEPS": "0"}
     with cog_server("train", env=env, log_path=folder / "train-server.log") as url:
@@ -62,10 +66,18 @@ def test_a_lora_trained_through_cog_draws_the_unseen_heart(trained_tar, tiny_env
     with cog_server("predict", env={**tiny_env, "FLUX_WEIGHTS_DIR": str(WEIGHTS)}, log_path=log_path) as url:
         client = CogClient(url, log_path)
 
-        def shapes(**lora) -> list[str]:
-            prompts = quality.concept_prompts(SAMPLES)
+        def shapes(prompts: list[str], **lora) -> list[str]:
             return [served_score(client, p, seed=5000 + i, **lora).shape for i, p in enumerate(prompts)]
 
-        without, taught = shapes(), shapes(replicate_weights=weights)
-    assert taught.count("heart") >= 3, (without, taught)
+        asks = quality.concept_prompts(SAMPLES)
+        held_out = quality.held_out_examples(SAMPLES)
+        others = [e.caption for e in held_out]  # other shapes, no TOK
+        without, taught = shapes(asks), shapes(asks, replicate_weights=weights)
+        others_without, others_with = shapes(others), shapes(others, replicate_weights=weights)
+    assert taught.count("heart") >= 2, (without, taught)
     assert without.count("heart") <= 1, without  # the heart comes from the LoRA, not from the prompt's words
+    asked = [e.attributes.shape for e in held_out]
+    right_without = sum(s == a for s, a in zip(others_without, asked, strict=True))
+    right_with = sum(s == a for s, a in zip(others_with, asked, strict=True))
+    assert right_with >= right_without - 2, (asked, others_without, others_with)
+    assert others_with.count("heart") <= 1, others_with  # the heart stays behind its trigger word
