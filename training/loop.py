@@ -2,7 +2,8 @@
 
 Reads top to bottom: add the adapter (fp32 LoRA parameters on the frozen base), choose memory
 savers, then per step: draw a batch from one bucket, noise it at sigmoid-normal timesteps, predict the
-velocity, MSE, clip gradients at 1.0, step, update the exponential moving average (EMA) of the LoRA.
+velocity, MSE (plus, with diff_output_preservation_class, the pull towards the base's prediction on the
+class-word captions), clip gradients at 1.0, step, update the exponential moving average (EMA) of the LoRA.
 Constant learning rate (what the public trainers ship). The saved LoRA is the EMA (decay 0.99, as the
 public trainer keeps): it averages out the last ~100 steps' noise. diffusers' EMAModel warms the decay
 up as (1 + n) / (10 + n), so a short training is not dragged back to its untrained start.
@@ -227,6 +228,7 @@ def train_parameters(
                     kept = preservation_loss(
                         transformer, latents, noise, t, kept_prompts, kept_pooled, guidance
                     )
+                loss_value(kept, step)  # a non-finite term stops the run before it reaches the weights
                 (config.diff_output_preservation_multiplier * kept).backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
