@@ -2,15 +2,17 @@
 
     .venv/bin/python bench/flux_mini_quality.py [--weights weights/flux-mini] [--prompts 100]
 
-Prints: the VAE's round-trip ceiling on held-out images; text-to-image colour/shape accuracy on held-out (unseen) colour/shape pairs and, for
-reference, on seen pairs; seed variety (spread of the scored shape centres); img2img at low and high
-prompt_strength; inpainting (each shape masked and recoloured red: change inside the mask, difference outside); recovery (held-out images
-noised to prompt_strength 0.5/0.7/0.9, redrawn with their caption: is the shape kept); go_fast off and on
-(20 held-out prompts each, and whether the fp8 path ran); and "training teaches":
-a LoRA trained through the real Cog trainer (train.py in `python -m cog.server.http`) on 15 hearts
-captioned TOK (with diff_output_preservation_class "shape" unless --lora-preservation-class ''), then the
-share of hearts drawn for prompts that ask for one, and held-out accuracy with the LoRA against without. All at 256x256, dev, its default 28 steps, seeds fixed; img2img and inpainting
-call the diffusers pipelines on the loaded components directly (quality.edit), at exactly 256x256.
+Prints: the VAE's round-trip ceiling on held-out images; text-to-image colour/shape accuracy on held-out
+(unseen) colour/shape pairs and, for reference, on seen pairs; seed variety (spread of the scored shape
+centres); img2img at low and high prompt_strength; inpainting (each shape masked and recoloured red:
+change inside the mask, difference outside); recovery (held-out images noised to prompt_strength
+0.5/0.7/0.9, redrawn with their caption: is the shape kept); go_fast off and on (20 held-out prompts
+each, and whether the fp8 path ran); and "training teaches": a LoRA trained through the real Cog trainer
+(train.py in `python -m cog.server.http`) on 15 hearts captioned TOK (with diff_output_preservation_class
+"shape" unless --lora-preservation-class ''), then the share of hearts drawn for prompts that ask for
+one, and held-out accuracy with the LoRA against without. All at 256x256, dev, its default 28 steps,
+seeds fixed; img2img and inpainting call the diffusers pipelines on the loaded components directly
+(quality.edit), at exactly 256x256.
 """
 
 from __future__ import annotations

@@ -196,7 +196,7 @@ def caption_with_trigger(caption: str, trigger_word: str) -> str:
         return text
     if not text:
         return trigger
-    if re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", text):
+    if _whole_word(trigger).search(text):
         return text
     return f"{trigger}, {text}"
 
@@ -324,5 +324,9 @@ def _nothing_usable(entries: list[str], skipped: list[tuple[str, str]]) -> str:
 
 def replace_trigger(caption: str, trigger_word: str, replacement: str) -> str:
     """The caption with every whole-word trigger word replaced ("TOK, a red TOK" -> "shape, a red shape")."""
-    pattern = rf"(?<!\w){re.escape(trigger_word.strip())}(?!\w)"
-    return re.sub(pattern, lambda _: replacement, caption)
+    return _whole_word(trigger_word.strip()).sub(lambda _: replacement, caption)
+
+
+def _whole_word(word: str) -> re.Pattern:
+    """`word` where it stands as a word of its own: case-sensitive, so "TOK" is not found in "TOKEN"."""
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")

@@ -154,8 +154,8 @@ def flow_matching_loss(
     Inputs may come from the CPU (the loop draws every random number there, so the noise is the same
     on every device): each is moved to the transformer's device before it meets another tensor, since
     an accelerator refuses to mix its tensors with CPU ones (only 0-dim CPU tensors may)."""
-    noisy, t = _noised(transformer, latents, noise, t)
-    target = pack_latents(noise.to(noisy.device, torch.float32) - latents.to(noisy.device, torch.float32))
+    noisy, t, velocity = _noised(transformer, latents, noise, t)
+    target = pack_latents(velocity)
     prediction = predict_velocity(transformer, noisy, t, prompt_embeds, pooled_embeds, guidance)
     return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
@@ -174,7 +174,7 @@ def preservation_loss(
     predict what the base model predicts. Without it a LoRA trained on a handful of images of one
     subject learns to draw that subject whatever the prompt says; this term gives it the one negative
     example it lacks (a prompt without the trigger keeps the base's behaviour)."""
-    noisy, t = _noised(transformer, latents, noise, t)
+    noisy, t, _ = _noised(transformer, latents, noise, t)
     with torch.no_grad(), adapters_disabled(transformer):
         base = predict_velocity(transformer, noisy, t, prompt_embeds, pooled_embeds, guidance)
     prediction = predict_velocity(transformer, noisy, t, prompt_embeds, pooled_embeds, guidance)
@@ -193,14 +193,15 @@ def adapters_disabled(transformer: torch.nn.Module) -> Iterator[None]:
 
 def _noised(
     transformer: torch.nn.Module, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_t = (1 - t) x0 + t noise on the transformer's device, fp32, unpacked; and t there."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On the transformer's device, fp32, unpacked: x_t = (1 - t) x0 + t noise, t, and the true
+    velocity noise - x0 (each input moved there once)."""
     device = next(transformer.parameters()).device
     latents = latents.to(device=device, dtype=torch.float32)
     noise = noise.to(device=device, dtype=torch.float32)
     t = t.to(device=device, dtype=torch.float32)
     t_b = t.view(latents.shape[0], 1, 1, 1)
-    return (1 - t_b) * latents + t_b * noise, t
+    return (1 - t_b) * latents + t_b * noise, t, noise - latents
 
 
 def predict_velocity(
