@@ -146,7 +146,7 @@ def train(
         default=None,
     ),
     diff_output_preservation_class: str | None = Input(
-        description="A word for what the trigger word stands for (e.g. 'person', 'dog', 'shape'). With it, each step also trains the LoRA to draw what the base model draws for the caption with this word in place of the trigger word, so prompts without the trigger word stay as they were (ai-toolkit's differential output preservation; about twice the time per step). Empty: off.",
+        description="A word for what the trigger word stands for (e.g. 'person', 'dog', 'shape'; several, comma-separated, take turns from step to step). With it, each step also trains the LoRA to draw what the base model draws for the caption with this word in place of the trigger word, so prompts without the trigger word stay as they were (ai-toolkit's differential output preservation; about twice the time per step). Empty: off.",
         default=None,
     ),
     diff_output_preservation_multiplier: float = Input(

@@ -212,11 +212,13 @@ def training_teaches(
     rank: int,
     samples: int,
     preservation: tuple[str, float],
+    scales: tuple[float, ...] = (1.0,),
 ) -> dict:
     """A heart LoRA trained through the Cog trainer on `images` hearts captioned with TOK: the share of
     hearts drawn for prompts that ask for one (in the world's words, and as the bare "a TOK on a white
     background"), and the held-out colour/shape accuracy with the LoRA against without.
-    preservation: diff_output_preservation_class and _multiplier ("" for none)."""
+    preservation: diff_output_preservation_class and _multiplier ("" for none). scales: the
+    lora_scale values the LoRA is measured at (the first is the headline)."""
     held = quality.prompts_of(quality.held_out_examples(40, build))
     asks = quality.concept_prompts(samples)
 
@@ -243,21 +245,33 @@ def training_teaches(
     )
     tar = train_through_cog(quality.concept_zip(work, images), build, work, **inputs)
     train_seconds = time.perf_counter() - started
-    fuser = quality.fuse(models, quality.lora_from_tar(tar, work / "lora"))
-    try:
-        hearts_after, bare_after, after = measure()
-    finally:
-        fuser.clear()
+    lora_file = quality.lora_from_tar(tar, work / "lora")
+    with_lora = {}
+    for scale in scales:
+        fuser = quality.fuse(models, lora_file, scale)
+        try:
+            with_lora[scale] = measure()
+        finally:
+            fuser.clear()
+
+    def effect(hearts: float, bare: float, after: quality.Accuracy) -> dict:
+        return {
+            "heart_share_asked_in_world_words": {"without_lora": hearts_before, "with_lora": hearts},
+            "heart_share_bare_prompt": {"without_lora": bare_before, "with_lora": bare},
+            "held_out_without_lora": before.__dict__,
+            "held_out_with_lora": after.__dict__,
+            "held_out_shape_kept": round(after.shape / before.shape, 3) if before.shape else None,
+            "held_out_colour_kept": round(after.color / before.color, 3) if before.color else None,
+        }
+
+    headline, *others = scales
     return {
         "images": images,
         **inputs,
         "train_seconds_with_server_start": round(train_seconds, 1),
-        "heart_share_asked_in_world_words": {"without_lora": hearts_before, "with_lora": hearts_after},
-        "heart_share_bare_prompt": {"without_lora": bare_before, "with_lora": bare_after},
-        "held_out_without_lora": before.__dict__,
-        "held_out_with_lora": after.__dict__,
-        "held_out_shape_kept": round(after.shape / before.shape, 3) if before.shape else None,
-        "held_out_colour_kept": round(after.color / before.color, 3) if before.color else None,
+        "lora_scale": headline,
+        **effect(*with_lora[headline]),
+        **{f"at_lora_scale_{scale}": effect(*with_lora[scale]) for scale in others},
     }
 
 
@@ -278,6 +292,9 @@ def main() -> None:
         help="the trainer's diff_output_preservation_class ('' for none)",
     )
     parser.add_argument("--lora-preservation-multiplier", type=float, default=1.0)
+    parser.add_argument(
+        "--lora-scales", default="1.0", help="lora_scale values the LoRA is measured at, comma-separated"
+    )
     parser.add_argument("--samples", type=int, default=20, help="heart prompts scored, each way")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", default="vae,t2i,variety,img2img,inpaint,recover,go_fast,teach")
@@ -312,6 +329,7 @@ def main() -> None:
                 args.lora_rank,
                 args.samples,
                 (args.lora_preservation_class, args.lora_preservation_multiplier),
+                tuple(float(scale) for scale in args.lora_scales.split(",")),
             ),
         ),
     ]

@@ -12,14 +12,14 @@ from PIL import Image
 from safetensors import safe_open
 
 from errors import UserInputError
-from tests.training_helpers import make_zip
+from tests.training_helpers import SAMPLES, make_zip, synthetic_cache
 from training import buckets
 from training.config import OPTIMIZERS, build_training_config, parse_resolutions
 from training.dataset import replace_trigger
 from training.export import draw_loss_curve
 from training.hub import model_card, push_to_hub
 from training.job import run_training
-from training.loop import lora_adapter
+from training.loop import _class_captions, lora_adapter
 from training.optimizers import build_optimizer, effective_learning_rate
 from training.previews import PreviewSettings
 from training.recipe import block_linear_names, sample_timesteps, select_lora_targets
@@ -111,6 +111,12 @@ def test_config_defaults_and_rules():
     )
     assert off.diff_output_preservation_class is None
     assert replace_trigger("TOK, a TOK dog by TOKYO", "TOK", "dog") == "dog, a dog dog by TOKYO"
+    # several class words, comma-separated, take turns; an empty one is refused
+    several = build_training_config(diff_output_preservation_class=" man,woman , child", seed=1)
+    assert several.diff_output_preservation_class == "man, woman, child"
+    assert several.preservation_classes == ("man", "woman", "child")
+    with pytest.raises(UserInputError, match="diff_output_preservation_class.*none empty"):
+        build_training_config(diff_output_preservation_class="man,,woman", seed=1)
 
 
 # ---------- buckets ----------
@@ -330,17 +336,19 @@ def test_same_seed_same_bytes_memory_or_disk_cache(tiny, data_zip, tmp_path):
 
 def test_output_preservation_changes_the_lora_and_is_recorded(tiny, data_zip, tmp_path):
     """diff_output_preservation_class through the whole job: its captions cached, the second term
-    trained (a different LoRA from the same seed), the setting saved in config.json."""
+    trained (a different LoRA from the same seed; another with a second class word taking turns), the
+    setting saved in config.json."""
     common = dict(steps=3, lora_rank=2, resolution="256", seed=11, optimizer="adamw")
     files, configs = [], []
-    for index, preserved in enumerate((None, "square")):
+    for index, preserved in enumerate((None, "square", "square,circle")):
         config = build_training_config(**common, diff_output_preservation_class=preserved)
         tar_path = run_training(config, data_zip, tmp_path / str(index), models=tiny, previews=NO_PREVIEWS)
         with tarfile.open(tar_path) as tar:
             files.append(tar.extractfile("lora.safetensors").read())
             configs.append(json.loads(tar.extractfile("config.json").read()))
-    assert files[0] != files[1]
+    assert len(set(files)) == 3
     assert configs[1]["diff_output_preservation_class"] == "square"
+    assert configs[2]["diff_output_preservation_class"] == "square, circle"
     assert configs[1]["diff_output_preservation_multiplier"] == 1.0
 
 
@@ -462,3 +470,16 @@ def test_training_with_push_returns_tar_even_when_push_fails(tiny, data_zip, tmp
         assert {"lora.safetensors", "README.md"} <= set(tar.getnames())
     assert FakeHfApi.calls and FakeHfApi.calls[0][0] == "create_repo"
     assert SECRET not in caplog.text
+
+
+def test_several_class_words_take_turns():
+    """With several class words each sample's preservation caption is drawn among its class captions,
+    so every class word gets steps; with one there is no draw (the generator's stream is unchanged)."""
+    cache = synthetic_cache(SAMPLES, preserved=True)  # class captions 2 and 3 for every sample
+    generator = torch.Generator().manual_seed(0)
+    picks = [pick for _ in range(20) for pick in _class_captions([0, 1], cache, generator)]
+    assert set(picks) == {2, 3} and 10 <= picks.count(2) <= 30
+    cache.preserved_captions_of_sample = [[2]] * len(SAMPLES)
+    state = generator.get_state()
+    assert _class_captions([0, 1], cache, generator) == [2, 2]
+    assert torch.equal(generator.get_state(), state)

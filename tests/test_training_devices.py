@@ -45,7 +45,7 @@ def test_lora_training_step_runs_with_the_model_on_another_device(model, checkpo
         optimizer="adamw",
         caption_dropout_rate=0.5,  # the dropout mask is drawn on the CPU too
         gradient_checkpointing=checkpointing,
-        diff_output_preservation_class="person" if preserved else None,
+        diff_output_preservation_class="person, man" if preserved else None,  # two: the draw runs too
     )
     steps, handle = count_optimizer_steps()
     forwards = []

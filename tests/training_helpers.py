@@ -39,12 +39,12 @@ def make_zip(path: Path, images=IMAGES) -> Path:
 
 def synthetic_cache(samples: list[Sample], preserved: bool = False) -> TrainingCache:
     """A cache as build_cache leaves it (CPU tensors), without running the VAE and text encoders;
-    preserved: with the class-word captions the preservation loss reads (caption 2)."""
+    preserved: with the captions of two class words the preservation loss reads (captions 2 and 3)."""
     g = torch.Generator().manual_seed(0)
     latents, texts = TensorStore(None), TensorStore(None)
     for number, s in enumerate(samples):
         latents.put(str(number), {"latents": torch.randn(16, s.height // 8, s.width // 8, generator=g)})
-    for number in range(3 if preserved else 2):  # caption 0, the empty caption 1, the class-word one 2
+    for number in range(4 if preserved else 2):  # caption 0, the empty caption 1, the class-word ones
         texts.put(
             str(number),
             {"prompt": torch.randn(SEQ, TEXT_DIM, generator=g), "pooled": torch.randn(TEXT_DIM, generator=g)},
@@ -54,7 +54,7 @@ def synthetic_cache(samples: list[Sample], preserved: bool = False) -> TrainingC
         texts=texts,
         caption_of_sample=[0] * len(samples),
         empty_caption=1,
-        preserved_caption_of_sample=[2] * len(samples) if preserved else None,
+        preserved_captions_of_sample=[[2, 3]] * len(samples) if preserved else None,
     )
 
 

@@ -50,9 +50,9 @@ class TrainingCache:
     texts: TensorStore  # key: caption number -> {"prompt": [seq, dim], "pooled": [dim]}
     caption_of_sample: list[int]  # sample number -> caption number
     empty_caption: int  # caption number of "" (used for caption dropout)
-    # sample number -> caption number of its caption with the trigger word replaced by the class word
+    # sample number -> caption numbers of its caption with the trigger word replaced by each class word
     # (differential output preservation, training.recipe.preservation_loss); None when not used.
-    preserved_caption_of_sample: list[int] | None = None
+    preserved_captions_of_sample: list[list[int]] | None = None
 
 
 def build_cache(
@@ -62,10 +62,10 @@ def build_cache(
     samples: list[Sample],
     max_sequence_length: int,
     folder: Path | None,
-    preserved_captions: list[str] | None = None,
+    preserved_captions: list[list[str]] | None = None,
 ) -> TrainingCache:
     """Encode every sample's image at its bucket size and every distinct caption (plus the empty one
-    and, given one per image, the captions the preservation loss reads)."""
+    and, given a list per image, the captions the preservation loss reads)."""
     latents = TensorStore(None if folder is None else folder / "latents")
     texts = TensorStore(None if folder is None else folder / "text")
     # In batches (latents: consecutive samples of one bucket size, ENCODE_PIXELS at most, so FLUX.1's
@@ -82,7 +82,8 @@ def build_cache(
             latents.put(str(number), {"latents": encoded})
     log.info("cached %d latents%s", len(samples), " on disk" if folder else "")
 
-    distinct = list(dict.fromkeys([*captions, "", *(preserved_captions or [])]))
+    class_captions = [caption for per_image in preserved_captions or [] for caption in per_image]
+    distinct = list(dict.fromkeys([*captions, "", *class_captions]))
     number_of = {text: i for i, text in enumerate(distinct)}
     pipe = _text_pipeline(models)
     with torch.no_grad():
@@ -99,9 +100,9 @@ def build_cache(
         texts=texts,
         caption_of_sample=[number_of[captions[s.index]] for s in samples],
         empty_caption=number_of[""],
-        preserved_caption_of_sample=None
+        preserved_captions_of_sample=None
         if preserved_captions is None
-        else [number_of[preserved_captions[s.index]] for s in samples],
+        else [[number_of[c] for c in preserved_captions[s.index]] for s in samples],
     )
 
 

@@ -82,9 +82,17 @@ class TrainingConfig:
     autocaption_prefix: str | None = None  # added in code: captioners drop instructions to add them
     autocaption_suffix: str | None = None
     # Differential output preservation (training.recipe.preservation_loss): the class word that stands
-    # for the trigger word in the base model's own output (None: off), and the weight of that term.
+    # for the trigger word in the base model's own output (None: off; several, comma-separated, take
+    # turns), and the weight of that term.
     diff_output_preservation_class: str | None = None
     diff_output_preservation_multiplier: float = 1.0
+
+    @property
+    def preservation_classes(self) -> tuple[str, ...]:
+        """The class words of diff_output_preservation_class (none when it is off)."""
+        if self.diff_output_preservation_class is None:
+            return ()
+        return tuple(word.strip() for word in self.diff_output_preservation_class.split(","))
 
     @property
     def lora_alpha(self) -> int:
@@ -180,6 +188,15 @@ def build_training_config(
             preservation_class,
             "empty when trigger_word is empty (it replaces the trigger word in the captions)",
         )
+    if preservation_class is not None:
+        words = [word.strip() for word in preservation_class.split(",")]
+        if not all(words):
+            raise UserInputError(
+                "diff_output_preservation_class",
+                preservation_class,
+                "class words separated by commas, none empty",
+            )
+        preservation_class = ", ".join(words)
     if not _is_number(diff_output_preservation_multiplier) or not (
         0 <= diff_output_preservation_multiplier <= MAX_PRESERVATION_MULTIPLIER
     ):

@@ -98,12 +98,15 @@ def run_training(
             samples,
             variant.max_sequence_length,
             work / "cache" if config.cache_latents_to_disk else None,
-            preserved_captions=None
-            if config.diff_output_preservation_class is None
-            else [
-                replace_trigger(e.caption, config.trigger_word, config.diff_output_preservation_class)
+            preserved_captions=[
+                [
+                    replace_trigger(e.caption, config.trigger_word, word)
+                    for word in config.preservation_classes
+                ]
                 for e in examples
-            ],
+            ]
+            if config.preservation_classes
+            else None,
         )
         del examples  # the decoded images are in the cache now
         move_encoders(models, "cpu")

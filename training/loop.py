@@ -221,9 +221,9 @@ def train_parameters(
             value = loss_value(loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cache.preserved_caption_of_sample is not None:
+            if cache.preserved_captions_of_sample is not None:
                 # Its own forward and backward after the first's: one graph alive at a time.
-                kept_prompts, kept_pooled = _load_texts(batch, cache, cache.preserved_caption_of_sample)
+                kept_prompts, kept_pooled = _load_texts(_class_captions(batch, cache, generator), cache)
                 with forward_precision(transformer):
                     kept = preservation_loss(
                         transformer, latents, noise, t, kept_prompts, kept_pooled, guidance
@@ -342,11 +342,19 @@ def _load_batch(
     return latents, *_load_texts(captions, cache)
 
 
-def _load_texts(
-    numbers: list[int], cache: TrainingCache, caption_of: list[int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The T5 and pooled CLIP embeddings of captions by number (or of caption_of[n] for each n)."""
-    texts = [cache.texts.get(str(n if caption_of is None else caption_of[n])) for n in numbers]
+def _class_captions(batch: list[int], cache: TrainingCache, generator: torch.Generator) -> list[int]:
+    """For each sample, the caption number of its caption with one of the class words (drawn at
+    random when there are several, so each class word gets about the same share of the steps)."""
+    choices = [cache.preserved_captions_of_sample[number] for number in batch]
+    if all(len(c) == 1 for c in choices):
+        return [c[0] for c in choices]
+    picks = torch.randint(len(choices[0]), (len(batch),), generator=generator).tolist()
+    return [c[pick] for c, pick in zip(choices, picks, strict=True)]
+
+
+def _load_texts(numbers: list[int], cache: TrainingCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The T5 and pooled CLIP embeddings of captions by number."""
+    texts = [cache.texts.get(str(n)) for n in numbers]
     return torch.stack([t["prompt"] for t in texts]), torch.stack([t["pooled"] for t in texts])
 
 
