@@ -9,8 +9,8 @@ change inside the mask, difference outside); recovery (held-out images noised to
 0.5/0.7/0.9, redrawn with their caption: is the shape kept); go_fast off and on (20 held-out prompts
 each, and whether the fp8 path ran); and "training teaches": a LoRA trained through the real Cog trainer
 (train.py in `python -m cog.server.http`) on 15 hearts captioned TOK (with diff_output_preservation_class
-"shape" unless --lora-preservation-class ''), then the share of hearts drawn for prompts that ask for
-one, and held-out accuracy with the LoRA against without. All at 256x256, dev, its default 28 steps,
+the world's eight shape words unless --lora-preservation-class says otherwise, '' for none), then the
+share of hearts drawn for prompts that ask for one, and held-out accuracy with the LoRA against without. All at 256x256, dev, its default 28 steps,
 seeds fixed; img2img and inpainting call the diffusers pipelines on the loaded components directly
 (quality.edit), at exactly 256x256.
 """
@@ -210,6 +210,7 @@ def training_teaches(
     steps: int,
     learning_rate: float,
     rank: int,
+    seed: int,
     samples: int,
     preservation: tuple[str, float],
     scales: tuple[float, ...] = (1.0,),
@@ -239,7 +240,7 @@ def training_teaches(
         lora_rank=rank,
         resolution=str(quality.SIDE),
         autocaption=False,
-        seed=0,
+        seed=seed,
         diff_output_preservation_class=preservation[0] or None,
         diff_output_preservation_multiplier=preservation[1],
     )
@@ -286,10 +287,11 @@ def main() -> None:
     parser.add_argument("--lora-steps", type=int, default=2000)
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument("--lora-seed", type=int, default=0, help="the training's seed")
     parser.add_argument(
         "--lora-preservation-class",
-        default="shape",
-        help="the trainer's diff_output_preservation_class ('' for none)",
+        default=quality.PRESERVED_CLASSES,
+        help="the trainer's diff_output_preservation_class ('' for none; default: the eight shape words)",
     )
     parser.add_argument("--lora-preservation-multiplier", type=float, default=1.0)
     parser.add_argument(
@@ -327,6 +329,7 @@ def main() -> None:
                 args.lora_steps,
                 args.lora_lr,
                 args.lora_rank,
+                args.lora_seed,
                 args.samples,
                 (args.lora_preservation_class, args.lora_preservation_multiplier),
                 tuple(float(scale) for scale in args.lora_scales.split(",")),

@@ -1,16 +1,18 @@
 """Training teaches (issue 13): a LoRA trained through the real Cog trainer on 15 images of the heart,
 a shape flux-mini never saw, makes the committed flux-mini draw hearts when a prompt asks for one, and,
-trained with diff_output_preservation_class, leaves prompts without the trigger word as they were.
+trained with diff_output_preservation_class set to the world's eight shape words, leaves prompts without
+the trigger word as they were.
 
 The user's path end to end: `cog train` with a zip of captioned images and a trigger word on the
 committed flux-mini, then the trained tar as `replicate_weights` of predictions, each through the real
-Cog server; the images are judged by the shapes scorer. The full figures (2,000 steps: hearts in 85 % of
-20 prompts, held-out shape kept 72 %) are in bench/RESULTS.md ("training teaches"). Here a short training
-(600 steps at a higher learning rate, ~4 min with the preservation's second forward) measured on the
+Cog server; the images are judged by the shapes scorer. The full figures (2,000 steps: hearts in 95 % of
+20 prompts, held-out shape kept 86 %) are in bench/RESULTS.md ("training teaches"). Here a short training
+(800 steps at a higher learning rate, ~5 min with the preservation's second forward) measured on the
 development machine: hearts for 3 of these 8 prompts against none without the LoRA; 8 held-out prompts
-of other shapes: no heart, 4 shapes right against 6 without the LoRA (without the preservation, on the
-earlier build: 2 hearts, 3 right against 5). The test asks for 2 hearts, at most 1 heart elsewhere and
-at most 2 shapes lost, leaving room for the server's path differing from the bench's in the last bits.
+of other shapes: no heart, 4 shapes right against 6 without the LoRA (600 steps: 2 hearts, 1 heart
+elsewhere; without the preservation, on an earlier build: 2 hearts elsewhere). The test asks for 2
+hearts, at most 1 heart elsewhere and at most 2 shapes lost, leaving room for the server's path
+differing from the bench's in the last bits.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tests.test_flux_mini_draws import WEIGHTS, committed, served_score
 
 pytestmark = pytest.mark.server
 
-STEPS = 600
+STEPS = 800
 LEARNING_RATE = 2e-3
 RANK = 16
 SAMPLES = 8
@@ -46,7 +48,8 @@ def trained_tar(tiny_env, tmp_path_factory) -> bytes:
         "resolution": str(quality.SIDE),
         "autocaption": False,
         "seed": 0,
-        "diff_output_preservation_class": "shape",  # keeps prompts without TOK as they were
+        # the world's eight shape words: prompts for them, without TOK, stay as they were
+        "diff_output_preservation_class": quality.PRESERVED_CLASSES,
     }
     env = {**tiny_env, "FLUX_WEIGHTS_DIR": str(WEIGHTS), "LORA_PREVIEW_STEPS": "0"}
     with cog_server("train", env=env, log_path=folder / "train-server.log") as url:

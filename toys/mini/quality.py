@@ -23,6 +23,7 @@ from flux.request import build_request
 from toys.mini.spec import DEFAULT_DIR
 from toys.shape_scorer import Score, score_image
 from toys.shapes import (
+    SHAPES,
     SIZES,
     Attributes,
     Example,
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 SIDE = 256
 # The heart asked for with no colour, size or place (words every training caption has).
 CONCEPT_PROMPT = "a TOK on a white background"
+# The class words a heart LoRA is trained to leave as the base draws them
+# (diff_output_preservation_class): the world's own shape words, each taking turns.
+PRESERVED_CLASSES = ", ".join(SHAPES)
 
 
 @dataclass(frozen=True)
