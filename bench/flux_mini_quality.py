@@ -10,9 +10,9 @@ change inside the mask, difference outside); recovery (held-out images noised to
 each, and whether the fp8 path ran); and "training teaches": a LoRA trained through the real Cog trainer
 (train.py in `python -m cog.server.http`) on 15 hearts captioned TOK (with diff_output_preservation_class
 the world's eight shape words unless --lora-preservation-class says otherwise, '' for none), then the
-share of hearts drawn for prompts that ask for one, and held-out accuracy with the LoRA against without. All at 256x256, dev, its default 28 steps,
-seeds fixed; img2img and inpainting call the diffusers pipelines on the loaded components directly
-(quality.edit), at exactly 256x256.
+share of hearts drawn for prompts that ask for one, and held-out accuracy with the LoRA against without.
+All at 256x256, dev, its default 28 steps, seeds fixed; img2img and inpainting call the diffusers
+pipelines on the loaded components directly (quality.edit), at exactly 256x256.
 """
 
 from __future__ import annotations

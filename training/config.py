@@ -182,13 +182,13 @@ def build_training_config(
         log.warning("hf_token given without hf_repo_id: nothing will be pushed to the Hugging Face Hub")
     _bool("autocaption", autocaption)
     preservation_class = _affix("diff_output_preservation_class", diff_output_preservation_class)
-    if preservation_class is not None and not trigger_word.strip():
-        raise UserInputError(
-            "diff_output_preservation_class",
-            preservation_class,
-            "empty when trigger_word is empty (it replaces the trigger word in the captions)",
-        )
     if preservation_class is not None:
+        if not trigger_word.strip():
+            raise UserInputError(
+                "diff_output_preservation_class",
+                preservation_class,
+                "empty when trigger_word is empty (it replaces the trigger word in the captions)",
+            )
         words = [word.strip() for word in preservation_class.split(",")]
         if not all(words):
             raise UserInputError(

@@ -346,9 +346,10 @@ def _class_captions(batch: list[int], cache: TrainingCache, generator: torch.Gen
     """For each sample, the caption number of its caption with one of the class words (drawn at
     random when there are several, so each class word gets about the same share of the steps)."""
     choices = [cache.preserved_captions_of_sample[number] for number in batch]
-    if all(len(c) == 1 for c in choices):
+    words = len(choices[0])  # every sample has one caption per class word
+    if words == 1:
         return [c[0] for c in choices]
-    picks = torch.randint(len(choices[0]), (len(batch),), generator=generator).tolist()
+    picks = torch.randint(words, (len(batch),), generator=generator).tolist()
     return [c[pick] for c, pick in zip(choices, picks, strict=True)]
 
 
