@@ -7,7 +7,6 @@ tests/test_cog_schema.py checks them against the library's constants and against
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path as LocalPath
 
 from cog import BaseRunner, Input, Path, Secret
@@ -15,13 +14,15 @@ from cog import BaseRunner, Input, Path, Secret
 from flux.attention import configure_attention_backends
 from flux.generate import generate
 from flux.loading import load_flux
-from flux.output import save_images
+from flux.output import OUTPUT_PREFIX, save_images
 from flux.request import build_request
 from flux.safety import SafetyChecker, screen_images
 from flux.variants import parse_variant_list
-from lora.serving import LoraManager, choose_loras
+from lora.serving import LoraManager, choose_loras, warn_if_trigger_missing
 from weights.lora_cache import default_lora_cache
 from weights.lora_tokens import LoraTokens
+from weights.owned_folders import OwnedFolder, remove_abandoned
+from weights.version_lora import fetch_version_lora
 
 # Which variants setup() loads; each one more costs a transformer's memory (24 GB in bf16).
 ENV_VARIANTS = "FLUX_VARIANTS"
@@ -29,14 +30,27 @@ DEFAULT_VARIANTS = "dev,schnell"
 
 
 class Runner(BaseRunner):
-    def setup(self) -> None:
+    def setup(self, weights: str | None = None) -> None:
+        """`weights`: COG_WEIGHTS, which cog sets on a trained version (the training's output tar);
+        that LoRA is then every request's LoRA unless the request names its own."""
         # Library logs (seed, warnings, loading) go to stdout, which Cog returns as the request's logs.
         logging.basicConfig(
             level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s"
         )
         configure_attention_backends()
+        cache = default_lora_cache()
+        # What killed servers left behind: their output folders and partial LoRA downloads.
+        remove_abandoned(OUTPUT_PREFIX)
+        cache.remove_abandoned()
+        # One output folder for the server's life: each request empties it first (Cog has sent the
+        # previous request's files by then; requests run one at a time), so outputs never pile up.
+        self.outputs = OwnedFolder(OUTPUT_PREFIX)
+        # Fetched before the models load: a trained version whose weights are unreachable fails at once.
+        self.version = fetch_version_lora(weights, cache) if weights else None
         self.models = load_flux(parse_variant_list(os.environ.get(ENV_VARIANTS, DEFAULT_VARIANTS)))
-        self.loras = LoraManager(self.models.transformers, default_lora_cache())
+        self.loras = LoraManager(self.models.transformers, cache)
+        if self.version is not None:
+            self.loras.prepare_version(self.version)
         self.safety = SafetyChecker.load(self.models.device)
 
     def run(
@@ -168,13 +182,15 @@ class Runner(BaseRunner):
             mask=_local(mask),
             go_fast=go_fast,
         )
-        loras = choose_loras(lora_weights, replicate_weights, lora_scale, extra_lora, extra_lora_scale)
+        loras = choose_loras(
+            lora_weights, replicate_weights, lora_scale, extra_lora, extra_lora_scale, version=self.version
+        )
+        warn_if_trigger_missing(request.prompt, loras, self.version)
         tokens = LoraTokens(hf=_secret(hf_api_token), civitai=_secret(civitai_api_token))
         self.loras.activate(request.variant.name, loras, tokens=tokens)
         result = generate(self.models, request)
         images = screen_images(result.images, self.safety, disable_safety_checker)
-        out_dir = LocalPath(tempfile.mkdtemp(prefix="flux-out-"))
-        paths = save_images(images, out_dir, request.output_format, request.output_quality)
+        paths = save_images(images, self.outputs.empty(), request.output_format, request.output_quality)
         return [Path(p) for p in paths]
 
 

@@ -4,13 +4,21 @@
 #     -i aspect_ratio=custom -i width=256 -i height=256                # the real Cog server, built-in flux-mini
 #   ./run.sh train -i input_images=@photos.zip -i steps=20              # LoRA training through Cog (train.py)
 #   ./run.sh test                                                        # the test suite
+#   ./run.sh push r8.im/<you>/<model>                                    # cog push, as README says
 # Each installs what it needs first (a .venv here, pinned packages) and builds the tiny model if absent.
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# The coglet the tests run; `cog build`/`cog push` install the newest one unless told (COGLET_WHEEL).
+COGLET_PIN=$(sed -n 's/^coglet==\([^ ;#]*\).*/\1/p' requirements-dev.txt)
+
 install() {
   if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
+    # The environment lives outside the checkout and .venv links to it: `cog build --separate-weights`
+    # walks the checkout without following links, and would take torch's libraries for model weights.
+    home="${FLUX_VENV_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/cog-flux}/venv-$(pwd -P | sha256sum | cut -c1-12)"
+    python3 -m venv "$home"
+    ln -sfn "$home" .venv
   fi
   # Reinstall only when the pins change (the stamp holds a hash of both requirement files).
   stamp=.venv/.requirements-installed
@@ -52,8 +60,17 @@ case "$command" in
     install
     exec .venv/bin/python -m pytest "$@"
     ;;
+  build|push)
+    # The image the tests ran: their coglet, and the base weights in a layer of their own.
+    if [ -d .venv ] && [ ! -L .venv ]; then
+      echo ".venv is a folder inside the checkout: cog would take torch's libraries in it for model weights." >&2
+      echo "Move it out once: rm -rf .venv && ./run.sh test" >&2
+      exit 1
+    fi
+    COGLET_WHEEL="pypi:$COGLET_PIN" exec cog "$command" --separate-weights "$@"
+    ;;
   *)
-    sed -n '2,6p' "$0"
+    sed -n '2,7p' "$0"
     exit 2
     ;;
 esac

@@ -5,6 +5,7 @@ from pathlib import Path
 from PIL import Image
 
 PIL_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+OUTPUT_PREFIX = "flux-out-"  # the server's output folder in the temp folder (weights.owned_folders)
 
 
 def save_images(images: list[Image.Image], out_dir: Path, output_format: str, quality: int) -> list[Path]:

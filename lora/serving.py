@@ -21,6 +21,7 @@ from weights.lora_cache import LoraCache
 from weights.lora_reference import display_reference, same_reference
 from weights.lora_source import fetch_lora
 from weights.lora_tokens import LoraTokens
+from weights.version_lora import VERSION_FIELD, VersionLora, VersionWeightsError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ class LoraChoice:
     field: str  # the input that named it, for error messages
     reference: str
     scale: float
+    label: str = ""  # how logs name it, when not by its reference (a trained version's own LoRA)
+
+    def shown(self) -> str:
+        return self.label or display_reference(self.reference)
 
 
 def choose_loras(
@@ -41,11 +46,16 @@ def choose_loras(
     lora_scale: float,
     extra_lora: str | None,
     extra_lora_scale: float,
+    version: VersionLora | None = None,
 ) -> list[LoraChoice]:
     """Validate the LoRA inputs; `replicate_weights` is the name trained versions use for `lora_weights`.
 
     Replicate's rules: an `extra_lora` naming the main LoRA is dropped (with a warning), and an
     `extra_lora` without a main LoRA takes its place, keeping `extra_lora_scale`.
+
+    `version`: a trained version's own LoRA (COG_WEIGHTS). It is the main LoRA, at `lora_scale`,
+    of every request that names none; a request's lora_weights / replicate_weights replace it, and
+    extra_lora adds to whichever is the main one.
     """
     lora_weights, replicate_weights, extra_lora = (
         _blank_to_none(v) for v in (lora_weights, replicate_weights, extra_lora)
@@ -60,6 +70,10 @@ def choose_loras(
     main = lora_weights or replicate_weights
     _check_scale("lora_scale", lora_scale)
     _check_scale("extra_lora_scale", extra_lora_scale)
+    label = ""
+    if not main and version is not None:
+        own = version_choice(version, lora_scale)
+        main_field, main, label = own.field, own.reference, own.label
     if extra_lora and not main:
         # As on Replicate: a lone extra_lora is the main LoRA, at its own scale (extra_lora_scale).
         main_field, main, lora_scale, extra_lora = "extra_lora", extra_lora, extra_lora_scale, None
@@ -68,16 +82,22 @@ def choose_loras(
         log.warning(
             "extra_lora %s is the same LoRA as %s; applying it once, at lora_scale %g",
             display_reference(extra_lora),
-            main_field,
+            label or main_field,
             lora_scale,
         )
         extra_lora = None
     choices = []
     if main:
-        choices.append(LoraChoice(main_field, main, float(lora_scale)))
+        choices.append(LoraChoice(main_field, main, float(lora_scale), label))
     if extra_lora:
         choices.append(LoraChoice("extra_lora", extra_lora, float(extra_lora_scale)))
     return choices
+
+
+def version_choice(version: VersionLora, scale: float) -> LoraChoice:
+    return LoraChoice(
+        VERSION_FIELD, str(version.path), float(scale), f"this version's LoRA ({version.source})"
+    )
 
 
 class LoraManager:
@@ -103,9 +123,22 @@ class LoraManager:
             log.info(
                 "LoRAs on %s: %s",
                 variant,
-                ", ".join(f"{display_reference(c.reference)} x {c.scale:g}" for c in choices) or "none",
+                ", ".join(f"{c.shown()} x {c.scale:g}" for c in choices) or "none",
             )
         return changed
+
+    def prepare_version(self, version: VersionLora) -> None:
+        """Check a trained version's LoRA against every loaded variant, and fuse it at scale 1 (the
+        default lora_scale) into dev (the default model) when loaded, so the first request finds it."""
+        try:
+            for name in self._transformers:
+                self._read(name, version.path, VERSION_FIELD)
+        except UserInputError as err:
+            raise VersionWeightsError(
+                f"{VERSION_FIELD}: {version.source} is not a LoRA for this FLUX.1 transformer: {err.allowed}"
+            ) from None
+        variant = "dev" if "dev" in self._transformers else next(iter(self._transformers))
+        self.activate(variant, [version_choice(version, 1.0)])
 
     def _read(self, variant: str, path: Path, field: str) -> tuple[str, CanonicalLora]:
         # Not the mtime: the cache touches it on every hit (LRU). A new download is a new inode (atomic rename).
@@ -121,6 +154,20 @@ class LoraManager:
         while len(self._parsed) > PARSED_KEEP:
             self._parsed.popitem(last=False)
         return identity, lora
+
+
+def warn_if_trigger_missing(prompt: str, choices: list[LoraChoice], version: VersionLora | None) -> None:
+    """A trained version draws its subject when the prompt names the trigger word, as on Replicate;
+    the prompt is not changed, but a prompt without the word gets a line in the logs."""
+    uses_version = any(c.field == VERSION_FIELD for c in choices)
+    if not uses_version or version is None or not version.trigger_word:
+        return
+    if version.trigger_word.casefold() not in prompt.casefold():
+        log.warning(
+            "the prompt does not contain %r, the trigger word this version's LoRA was trained with; "
+            "its subject is drawn when the prompt names it",
+            version.trigger_word,
+        )
 
 
 def _blank_to_none(value: str | None) -> str | None:

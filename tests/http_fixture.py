@@ -36,6 +36,7 @@ class Route:
     delay_s: float = 0.0  # wait before answering (to make concurrent requests overlap)
     require_auth: str | None = None  # the exact Authorization value wanted; else 401
     send_length: bool = True  # False: no Content-Length, the body ends when the connection closes
+    drip_s: float = 0.0  # send the body one byte at a time, this many seconds apart (a stalling host)
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,14 @@ class FixtureServer:
             return
         body = route.body if route.truncate_at is None else route.body[: route.truncate_at]
         try:
-            handler.wfile.write(body)
-            handler.wfile.flush()
+            if route.drip_s:
+                for index in range(len(body)):
+                    handler.wfile.write(body[index : index + 1])
+                    handler.wfile.flush()
+                    time.sleep(route.drip_s)
+            else:
+                handler.wfile.write(body)
+                handler.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up first (a refused oversize download, say)
         if route.truncate_at is not None:

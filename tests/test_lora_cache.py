@@ -171,16 +171,17 @@ def test_eviction_skips_an_entry_being_replaced(tmp_path: Path) -> None:
     assert cache.evict() == [path]
 
 
-def test_stale_work_directories_are_cleaned(tmp_path: Path) -> None:
-    stale = tmp_path / ".tmp-deadbeef-x"
-    stale.mkdir()
-    (stale / "download").write_bytes(b"half")
-    _set_last_used(stale, 7 * 3600)
-    fresh = tmp_path / ".tmp-cafe-y"
-    fresh.mkdir()  # may belong to a download in progress in another process
+def test_abandoned_work_directories_are_cleaned(tmp_path: Path) -> None:
+    abandoned = tmp_path / ".tmp-deadbeef-x"  # its producer died: nobody holds its key's lock
+    abandoned.mkdir()
+    (abandoned / "download").write_bytes(b"half")
+    in_progress = tmp_path / ".tmp-cafe-y"
+    in_progress.mkdir()
     cache = LoraCache(tmp_path, max_bytes=10**9)
-    cache.get_or_create("k", producer(A))
-    assert not stale.exists() and fresh.exists()
+    with cache._locked("cafe"):  # a download in progress (here or in another process) holds its key
+        cache.get_or_create("k", producer(A))
+        assert not abandoned.exists() and in_progress.exists()
+    assert cache.remove_abandoned() == [in_progress]
 
 
 def test_default_cache_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -144,6 +144,41 @@ def test_timeout_is_a_clean_error(fixture_server: FixtureServer, cache: LoraCach
     assert leftovers(cache) == []
 
 
+def test_a_trickling_host_fails_at_the_deadline(fixture_server: FixtureServer, cache: LoraCache) -> None:
+    import time
+
+    # Headers at once, then a byte every 0.3 s: never silent for timeout_s, never done either.
+    fixture_server.add("/drip.safetensors", LORA, drip_s=0.3)
+    limits = DownloadLimits(timeout_s=10, deadline_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(UserInputError, match=r"lora_weights: got .*/drip.safetensors.*deadline of 1 s"):
+        fetch_lora(fixture_server.url("/drip.safetensors"), cache, limits=limits)
+    assert time.monotonic() - started < 2.0
+    assert leftovers(cache) == []
+    fixture_server.add("/drip.safetensors", LORA)  # the host recovers: the next fetch works
+    assert fetch_lora(fixture_server.url("/drip.safetensors"), cache, limits=limits).read_bytes() == LORA
+
+
+def test_a_host_under_the_minimum_speed_fails(fixture_server: FixtureServer, tmp_path: Path) -> None:
+    fixture_server.add("/drip", b"x" * 100, drip_s=0.1)
+    limits = DownloadLimits(deadline_s=60, min_bytes_per_s=1024**2, speed_grace_s=0.5)
+    with pytest.raises(DownloadError, match=r"too slow: .* under the minimum of 1 MiB/s") as info:
+        download_to_file(fixture_server.url("/drip"), tmp_path / "out", limits=limits)
+    assert info.value.kind == "too_slow"
+
+
+def test_download_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from weights.lora_source import download_limits_from_env
+
+    defaults = download_limits_from_env()
+    # A file at the size limit, arriving at the minimum speed, makes the deadline.
+    assert defaults.max_bytes / defaults.min_bytes_per_s < defaults.deadline_s
+    monkeypatch.setenv("FLUX_LORA_DOWNLOAD_DEADLINE_S", "5")
+    monkeypatch.setenv("FLUX_LORA_DOWNLOAD_MIN_MIB_S", "0.5")
+    limits = download_limits_from_env()
+    assert (limits.deadline_s, limits.min_bytes_per_s, limits.speed_grace_s) == (5, 0.5 * 1024**2, 2.5)
+
+
 def test_unsupported_scheme(cache: LoraCache) -> None:
     with pytest.raises(UserInputError, match="only http"):
         fetch_lora("ftp://example.com/lora.safetensors", cache)

@@ -96,3 +96,39 @@ def test_references_are_logged_short_and_without_tokens():
         == "https://example.com/a.safetensors"
     )
     assert display_reference("owner/repo") == "owner/repo"
+
+
+def test_a_trained_versions_lora_is_the_default_that_a_request_replaces_or_adds_to(tmp_path, caplog):
+    from lora.serving import warn_if_trigger_missing
+    from weights.version_lora import VersionLora
+
+    version = VersionLora(
+        tmp_path / "v.safetensors", "https://x/out.tar", "TOK", "black-forest-labs/FLUX.1-dev"
+    )
+    own = str(version.path)
+    label = "this version's LoRA (https://x/out.tar)"
+    assert choose_loras(None, None, 0.6, None, 1.0, version=version) == [
+        LoraChoice("COG_WEIGHTS", own, 0.6, label)
+    ]
+    # A request's own LoRA replaces it; extra_lora adds to whichever is the main one.
+    assert choose_loras("o/m", None, 1.0, None, 1.0, version=version) == [
+        LoraChoice("lora_weights", "o/m", 1.0)
+    ]
+    assert choose_loras(None, "o/m", 1.0, None, 1.0, version=version)[0].field == "replicate_weights"
+    assert choose_loras(None, None, 1.0, "x/y", 0.5, version=version) == [
+        LoraChoice("COG_WEIGHTS", own, 1.0, label),
+        LoraChoice("extra_lora", "x/y", 0.5),
+    ]
+    with caplog.at_level(logging.WARNING, logger="lora.serving"):
+        warn_if_trigger_missing(
+            "a photo of tok", choose_loras(None, None, 1, None, 1, version=version), version
+        )
+        assert "trigger word" not in caplog.text  # matched regardless of case
+        warn_if_trigger_missing(
+            "a photo of a dog", choose_loras("o/m", None, 1, None, 1, version=version), version
+        )
+        assert "trigger word" not in caplog.text  # not this version's LoRA: nothing to say
+        warn_if_trigger_missing(
+            "a photo of a dog", choose_loras(None, None, 1, None, 1, version=version), version
+        )
+    assert "does not contain 'TOK'" in caplog.text

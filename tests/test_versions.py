@@ -20,6 +20,7 @@ def read_pins(path: Path) -> dict[str, str]:
         requirement, _, marker = line.partition(";")
         if marker.strip() and not Marker(marker.strip()).evaluate():
             continue
+        requirement = requirement.split(" --")[0]  # a per-line option (torch's index) is not the version
         name, sep, pinned = requirement.partition("==")
         assert sep, f"{path.name}: '{line}' is not pinned with =="
         pins[name.strip()] = pinned.strip()
@@ -82,5 +83,6 @@ def test_cog_yaml_uses_the_pins():
     assert config["sdk_version"] == read_pins(ROOT / "requirements-dev.txt")["cog"]
     assert config["python_version"] == f"{sys.version_info.major}.{sys.version_info.minor}"
     assert config["run"] == "predict.py:Runner" and config["train"] == "train.py:train"
-    # torch 2.13 ships CUDA 12.8 and 13.0 builds; the image's CUDA must be one of them.
+    # torch 2.13 ships CUDA 12.8 and 13.0 builds; the image's CUDA must be one of them
+    # (tests/test_cog_image.py checks that the image installs the build that matches it).
     assert config["cuda"] in ("12.8", "13.0")

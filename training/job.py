@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import shutil
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -31,12 +29,14 @@ from training.loop import EMA_DECAY, StepCallback, StepReport, lora_adapter, lor
 from training.previews import PreviewSettings, generate_samples, render_previews
 from training.recipe import select_lora_targets
 from training.tracking import WandbSettings, WandbTracker
+from weights.owned_folders import OwnedFolder, remove_abandoned
 
 log = logging.getLogger(__name__)
 
 # Images far larger than the largest bucket are downscaled at decode time to bound host memory;
 # 2 x R^2 pixels still fit every bucket up to R without upscaling.
 KEEP_PIXELS_FACTOR = 2
+TRAINING_WORK_PREFIX = "lora-train-"
 DEFAULT_PREVIEWS = PreviewSettings()
 DEFAULT_WANDB = WandbSettings()
 
@@ -61,7 +61,9 @@ def run_training(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     own_models = models is None
-    work = Path(tempfile.mkdtemp(prefix="lora-train-"))
+    remove_abandoned(TRAINING_WORK_PREFIX)  # left by trainings that were killed (no `finally` ran)
+    workspace = OwnedFolder(TRAINING_WORK_PREFIX)
+    work = workspace.path
     encoders_moved = False
     tracker = None
     try:
@@ -171,7 +173,7 @@ def run_training(
             tracker.finish()
         if encoders_moved and models is not None:
             move_encoders(models, models.device)
-        shutil.rmtree(work, ignore_errors=True)
+        workspace.release()
         if own_models:
             del models
         gc.collect()

@@ -32,12 +32,21 @@ _USER_AGENT = "flux-cog/1 (+https://github.com/replicate/cog)"
 
 @dataclass(frozen=True)
 class DownloadLimits:
-    """How much one download may take: bytes, seconds without data, redirects."""
+    """How much one download may take: bytes, seconds without data, redirects, and in all.
+
+    `deadline_s` bounds the whole download and `min_bytes_per_s` its average speed once
+    `speed_grace_s` have passed: a host that sends a byte now and then never trips `timeout_s`
+    (seconds without any data), and would otherwise hold a request, and the server, forever.
+    None / 0 switch them off (the base weights' downloads, which take their own rules).
+    """
 
     max_bytes: int = 2 * GIB
     timeout_s: float = 60.0
     max_redirects: int = 10
     max_json_bytes: int = 16 * 1024 * 1024
+    deadline_s: float | None = None
+    min_bytes_per_s: float = 0.0
+    speed_grace_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,8 @@ class DownloadError(Exception):
     """A download that did not produce the file.
 
     kind: 'auth' (401/403), 'not_found' (404/410), 'too_large', 'truncated', 'http' (other
-    status), 'network' (connection/timeouts), 'bad_url' (scheme or redirect loop).
+    status), 'network' (connection/timeouts), 'bad_url' (scheme or redirect loop), 'too_slow'
+    (past the deadline or under the minimum speed).
     """
 
     def __init__(self, kind: str, url: str, message: str, status: int | None = None):
@@ -168,10 +178,14 @@ def download_to_file(
         try:
             with open(dest, "wb") as out:
                 while True:
-                    chunk = response.read(_CHUNK)
+                    # read1: whatever has arrived (up to a chunk), so the limits below are checked
+                    # between trickles too; read() would wait for a whole chunk.
+                    chunk = response.read1(_CHUNK)
                     if not chunk:
                         break
                     written += len(chunk)
+                    _check_pace(url, final_url, written, time.monotonic() - started, limits)
+                    _wait_at_most(response, limits, time.monotonic() - started)
                     if written > limits.max_bytes:
                         raise DownloadError(
                             "too_large",
@@ -187,6 +201,9 @@ def download_to_file(
                 out.flush()
                 os.fsync(out.fileno())  # the cache renames this file next; make its bytes durable
         except (http.client.IncompleteRead, OSError, http.client.HTTPException) as err:
+            _check_pace(
+                url, final_url, written, time.monotonic() - started, limits
+            )  # a read cut at the deadline
             raise DownloadError(
                 "truncated", url, f"download of {redact(final_url)} broke off after {written} bytes ({err})"
             ) from None
@@ -206,10 +223,19 @@ def download_to_file(
 def fetch_json(url: str, *, auth: Auth | None = None, limits: DownloadLimits = DownloadLimits()) -> object:
     """GET a JSON API response (small; capped at limits.max_json_bytes)."""
     response = _open(url, auth, limits, accept="application/json")
+    started = time.monotonic()
+    body = b""
     with response:
         try:
-            body = response.read(limits.max_json_bytes + 1)
+            while len(body) <= limits.max_json_bytes:
+                chunk = response.read1(limits.max_json_bytes + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
+                _check_pace(url, url, len(body), time.monotonic() - started, limits)
+                _wait_at_most(response, limits, time.monotonic() - started)
         except (http.client.IncompleteRead, OSError, http.client.HTTPException) as err:
+            _check_pace(url, url, len(body), time.monotonic() - started, limits)
             raise DownloadError("truncated", url, f"reading {redact(url)} broke off ({err})") from None
     if len(body) > limits.max_json_bytes:
         raise DownloadError("too_large", url, f"the API answer from {redact(url)} is too large")
@@ -217,6 +243,37 @@ def fetch_json(url: str, *, auth: Auth | None = None, limits: DownloadLimits = D
         return json.loads(body)
     except ValueError:
         raise DownloadError("http", url, f"{redact(url)} did not answer with JSON") from None
+
+
+def _check_pace(url: str, final_url: str, written: int, elapsed: float, limits: DownloadLimits) -> None:
+    if limits.deadline_s is not None and elapsed > limits.deadline_s:
+        raise DownloadError(
+            "too_slow",
+            url,
+            f"download of {redact(final_url)} passed its deadline of {limits.deadline_s:g} s "
+            f"after {written / 1024**2:.1f} MiB",
+        )
+    if (
+        limits.min_bytes_per_s
+        and elapsed > limits.speed_grace_s
+        and written / elapsed < limits.min_bytes_per_s
+    ):
+        raise DownloadError(
+            "too_slow",
+            url,
+            f"download of {redact(final_url)} is too slow: {written / elapsed / 1024**2:.3f} MiB/s over "
+            f"{elapsed:.0f} s, under the minimum of {limits.min_bytes_per_s / 1024**2:g} MiB/s",
+        )
+
+
+def _wait_at_most(response: http.client.HTTPResponse, limits: DownloadLimits, elapsed: float) -> None:
+    """Shorten the next read's timeout to what is left of the deadline (a trickle that stops just
+    before it would otherwise be waited on for timeout_s more)."""
+    if limits.deadline_s is None:
+        return
+    sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # http.client's socket
+    if sock is not None:
+        sock.settimeout(max(0.05, min(limits.timeout_s, limits.deadline_s - elapsed + 0.05)))
 
 
 def _content_length(response: http.client.HTTPResponse) -> int | None:

@@ -2,8 +2,9 @@
 
 Layout under `root`:
     <key>.safetensors   finished entries; the key is a hash of the normalised source string
-    locks/<key>.lock    one lock file per key (flock); kept, since deleting a lock file that
-                        another process has open would let two producers run at once
+    locks/<key>.lock    the key's lock (flock), present only while someone holds it: the holder
+                        deletes it before letting go, and a waiter that then finds another file
+                        at the path locks that one instead (so deleting never lets two in)
     .tmp-<key>-<rand>/  a producer's private work directory; renamed from, then removed
 
 An entry is produced inside its temporary directory, fsynced, and moved into place with
@@ -13,7 +14,9 @@ second finds the first one's entry instead of downloading again. Recency is the 
 set on every hit, and the least recently used entries are removed when the cache passes its
 byte budget. Entries used in the last `protect_recent_s` seconds are kept even over budget:
 the request that just fetched them (say a LoRA and its extra_lora) is about to read them. Entries
-whose lock is held at that moment are skipped too: someone is replacing them.
+whose lock is held at that moment are skipped too: someone is replacing them. The budget is checked
+at every lookup, and partial downloads count against it until a process that finds their key's lock
+free (nobody producing) removes them.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ log = logging.getLogger(__name__)
 
 _SUFFIX = ".safetensors"
 _TMP_PREFIX = ".tmp-"
-_STALE_TMP_S = 6 * 3600  # a work directory this old belongs to a process that died mid-download
 GB = 1000**3
 
 
@@ -91,6 +93,7 @@ class LoraCache:
         """
         found = self.lookup(source)
         if found is not None:
+            self.evict(keep=found)  # the budget holds at every request, not only when a file is added
             return found
         self._prepare()
         key = self.key_for(source)
@@ -129,7 +132,8 @@ class LoraCache:
         return found
 
     def total_bytes(self) -> int:
-        return sum(e.size for e in self.entries())
+        """Finished entries and partial downloads (until remove_abandoned takes the abandoned ones)."""
+        return sum(e.size for e in self.entries()) + self._workdir_bytes()
 
     def evict(self, keep: Path | None = None) -> list[Path]:
         """Remove least recently used entries until the cache fits its budget; returns them.
@@ -140,7 +144,7 @@ class LoraCache:
         """
         recent = time.time() - self.protect_recent_s
         entries = self.entries()
-        total = sum(e.size for e in entries)
+        total = sum(e.size for e in entries) + self._workdir_bytes()
         removed: list[Path] = []
         for entry in entries:
             if total <= self.max_bytes:
@@ -177,47 +181,87 @@ class LoraCache:
         if self._ready:
             return
         (self.root / "locks").mkdir(parents=True, exist_ok=True)
-        self._remove_stale_workdirs()
+        self.remove_abandoned()
         self._ready = True
 
-    def _remove_stale_workdirs(self) -> None:
-        cutoff = time.time() - _STALE_TMP_S
-        for path in self.root.glob(f"{_TMP_PREFIX}*"):
-            try:
-                if path.stat().st_mtime < cutoff:
+    def remove_abandoned(self) -> list[Path]:
+        """Remove partial downloads that no live process is producing (their key's lock is free):
+        a process killed mid-download leaves its work folder behind."""
+        removed = []
+        for path in self._workdirs():
+            key = path.name[len(_TMP_PREFIX) :].split("-", 1)[0]
+            with self._try_locked(key) as free:
+                if free:
                     shutil.rmtree(path, ignore_errors=True)
-            except FileNotFoundError:
-                pass
+                    removed.append(path)
+        if removed:
+            log.info("LoRA cache: removed %d partial download(s) left by ended processes", len(removed))
+        return removed
+
+    def _workdirs(self) -> list[Path]:
+        return (
+            sorted(p for p in self.root.glob(f"{_TMP_PREFIX}*") if p.is_dir()) if self.root.is_dir() else []
+        )
+
+    def _workdir_bytes(self) -> int:
+        total = 0
+        for folder in self._workdirs():
+            for path in folder.rglob("*"):
+                try:
+                    total += path.stat().st_size if path.is_file() else 0
+                except FileNotFoundError:
+                    pass
+        return total
 
     @contextlib.contextmanager
     def _locked(self, key: str) -> Iterator[None]:
         """Exclusive per-key lock across threads and processes (each call opens its own fd)."""
-        fd = os.open(self.root / "locks" / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._acquire(key, blocking=True)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
-            os.close(fd)  # closing releases the lock
+            self._release(key, fd)
 
     @contextlib.contextmanager
     def _try_locked(self, key: str) -> Iterator[bool]:
-        lock_path = self.root / "locks" / f"{key}.lock"
+        fd = self._acquire(key, blocking=False)
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:
-            yield True  # no lock directory: nobody can be holding the lock
-            return
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    yield False
-                    return
-                raise
-            yield True
+            yield fd is not None
         finally:
+            if fd is not None:
+                self._release(key, fd)
+
+    def _acquire(self, key: str, blocking: bool) -> int | None:
+        """flock the key's lock file; None if someone holds it and `blocking` is off.
+
+        Lock files exist only while held: the holder deletes its file before letting go. So after
+        getting the lock, check that the file locked is still the one at the path; if its holder
+        deleted it meanwhile, lock the new one instead.
+        """
+        path = self.root / "locks" / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return None
+                raise
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
             os.close(fd)
+
+    def _release(self, key: str, fd: int) -> None:
+        try:
+            os.unlink(self.root / "locks" / f"{key}.lock")
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # closing releases the lock
 
 
 def default_lora_cache() -> LoraCache:

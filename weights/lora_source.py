@@ -13,7 +13,9 @@ so a repeated reference costs no network request. A reference that follows somet
 name a revision or version to pin it.
 
 Environment (read at each call, so tests and the server can change it):
-  FLUX_LORA_MAX_DOWNLOAD_GB (2), FLUX_LORA_DOWNLOAD_TIMEOUT_S (60)
+  FLUX_LORA_MAX_DOWNLOAD_GB (2), FLUX_LORA_DOWNLOAD_TIMEOUT_S (60, without any data),
+  FLUX_LORA_DOWNLOAD_DEADLINE_S (1200, in all), FLUX_LORA_DOWNLOAD_MIN_MIB_S (2, average after 30 s):
+  a file at the size limit arriving at the minimum speed still makes the deadline
   (the services' endpoints: see weights.lora_hosts; their tokens: weights.lora_tokens)
 """
 
@@ -153,10 +155,18 @@ def _hide_tokens(reference: str) -> str:
 
 
 def download_limits_from_env() -> DownloadLimits:
-    """FLUX_LORA_MAX_DOWNLOAD_GB (GiB, default 2) and FLUX_LORA_DOWNLOAD_TIMEOUT_S (default 60)."""
+    """The limits of a LoRA download (see the module docstring for the variables and defaults)."""
     max_gb = _env_float("FLUX_LORA_MAX_DOWNLOAD_GB", 2.0)
     timeout = _env_float("FLUX_LORA_DOWNLOAD_TIMEOUT_S", 60.0)
-    return DownloadLimits(max_bytes=int(max_gb * GIB), timeout_s=timeout)
+    deadline = _env_float("FLUX_LORA_DOWNLOAD_DEADLINE_S", 1200.0)
+    min_speed = _env_float("FLUX_LORA_DOWNLOAD_MIN_MIB_S", 2.0)
+    return DownloadLimits(
+        max_bytes=int(max_gb * GIB),
+        timeout_s=timeout,
+        deadline_s=deadline,
+        min_bytes_per_s=min_speed * 1024**2,
+        speed_grace_s=min(30.0, deadline / 2),
+    )
 
 
 def _env_float(name: str, default: float) -> float:
