@@ -74,7 +74,7 @@ def synthetic_cache(side: int, count: int, text_dim: int, pooled_dim: int, text_
             },
         )
     samples = [Sample(i, side, side, side) for i in range(count)]
-    cache = TrainingCache(latents=latents, texts=texts, caption_of_sample=[0] * count, empty_caption=1)
+    cache = TrainingCache(latents=latents, texts=texts, caption_of_sample=[0] * count, dropout_caption=1)
     return cache, samples
 
 

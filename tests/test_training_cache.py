@@ -1,6 +1,8 @@
 """The training cache encodes in batches: images of one bucket size together, never more pixels per VAE
 call than ENCODE_PIXELS (FLUX.1's VAE at 1024x1024 on a shared GPU), captions ENCODE_BATCH at a time."""
 
+import torch
+
 from training.buckets import Sample
 from training.cache import ENCODE_BATCH, ENCODE_PIXELS, _runs
 
@@ -25,3 +27,19 @@ def test_an_image_larger_than_the_cap_is_encoded_alone():
 def test_caption_batches():
     runs = _runs(list(range(70)), lambda _: 0, lambda _: ENCODE_BATCH)
     assert [len(r) for r in runs] == [32, 32, 6]
+
+
+def test_a_dropped_caption_is_the_trigger_word_alone(tiny_models):
+    """As the public trainer: caption dropout keeps the trigger word, so dropped steps still tie the
+    subject to it (an empty caption would pull prompts without the word towards the subject)."""
+    from PIL import Image
+
+    from training.cache import build_cache
+
+    images = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")]
+    samples = [Sample(0, 64, 64, 64), Sample(1, 64, 64, 64)]
+    captions = ["TOK, a red square", "TOK, a blue square"]
+    kept = build_cache(tiny_models, images, captions, samples, 16, None, dropout_caption="TOK")
+    assert kept.dropout_caption == 2 and kept.dropout_caption not in kept.caption_of_sample
+    default = build_cache(tiny_models, images, captions, samples, 16, None)  # "" (flux-mini's build)
+    assert not torch.equal(kept.texts.get("2")["prompt"], default.texts.get("2")["prompt"])

@@ -15,7 +15,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tests.training_helpers import SAMPLES, meta_transformer, synthetic_cache
 from toys.mini.transformer_training import high_noise_timesteps, trainable_parameters, warmup_cosine
-from toys.tiny import SCHEDULERS
+from toys.tiny import SCHEDULERS, build_transformer
 from training.config import build_training_config
 from training.loop import EMA_DECAY, lora_adapter, lora_parameters, loss_value, train_parameters
 from training.recipe import block_linear_names
@@ -129,3 +129,22 @@ def test_flux_mini_vae_training_runs_with_the_vae_on_another_device():
     finally:
         handle.remove()
     assert len(losses) == 2 and len(steps) == 2  # one step per phase
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_train_lora_draws_noise_levels_as_the_config_says(shifted, monkeypatch):
+    """The public trainer's unshifted sampling by default; the resolution shift only when asked."""
+    import training.loop as loop
+
+    used = []
+    for name in ("sample_timesteps", "sample_shifted_timesteps"):
+        real = getattr(loop, name)
+        monkeypatch.setattr(loop, name, lambda *a, real=real, name=name: used.append(name) or real(*a))
+    transformer = build_transformer(guidance_embeds=True).requires_grad_(False)  # CPU: the LoRA is read back
+    config = build_training_config(
+        steps=3, lora_rank=2, seed=1, optimizer="adamw", shift_timesteps_by_resolution=shifted
+    )
+    with lora_adapter(transformer, 2, block_linear_names(transformer), seed=1):
+        loop.train_lora(transformer, synthetic_cache(SAMPLES), SAMPLES, config, SCHEDULERS["dev"])
+    assert used == ["sample_shifted_timesteps" if shifted else "sample_timesteps"] * 3
+    assert config.to_json()["shift_timesteps_by_resolution"] is shifted

@@ -53,7 +53,7 @@ def synthetic_cache(samples: list[Sample], preserved: bool = False) -> TrainingC
         latents=latents,
         texts=texts,
         caption_of_sample=[0] * len(samples),
-        empty_caption=1,
+        dropout_caption=1,
         preserved_captions_of_sample=[[2, 3]] * len(samples) if preserved else None,
     )
 

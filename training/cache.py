@@ -49,7 +49,9 @@ class TrainingCache:
     latents: TensorStore  # key: sample number -> {"latents": [16, h, w] fp32}
     texts: TensorStore  # key: caption number -> {"prompt": [seq, dim], "pooled": [dim]}
     caption_of_sample: list[int]  # sample number -> caption number
-    empty_caption: int  # caption number of "" (used for caption dropout)
+    # Caption number of what a dropped caption becomes: the trigger word alone for a LoRA (as the public
+    # trainer does: dropped steps still tie the subject to the word), "" for a model trained from scratch.
+    dropout_caption: int
     # sample number -> caption numbers of its caption with the trigger word replaced by each class word
     # (differential output preservation, training.recipe.preservation_loss); None when not used.
     preserved_captions_of_sample: list[list[int]] | None = None
@@ -63,9 +65,10 @@ def build_cache(
     max_sequence_length: int,
     folder: Path | None,
     preserved_captions: list[list[str]] | None = None,
+    dropout_caption: str = "",
 ) -> TrainingCache:
-    """Encode every sample's image at its bucket size and every distinct caption (plus the empty one
-    and, given a list per image, the captions the preservation loss reads)."""
+    """Encode every sample's image at its bucket size and every distinct caption (plus the one a
+    dropped caption becomes and, given a list per image, the captions the preservation loss reads)."""
     latents = TensorStore(None if folder is None else folder / "latents")
     texts = TensorStore(None if folder is None else folder / "text")
     # In batches (latents: consecutive samples of one bucket size, ENCODE_PIXELS at most, so FLUX.1's
@@ -83,7 +86,7 @@ def build_cache(
     log.info("cached %d latents%s", len(samples), " on disk" if folder else "")
 
     class_captions = [caption for per_image in preserved_captions or [] for caption in per_image]
-    distinct = list(dict.fromkeys([*captions, "", *class_captions]))
+    distinct = list(dict.fromkeys([*captions, dropout_caption, *class_captions]))
     number_of = {text: i for i, text in enumerate(distinct)}
     pipe = _text_pipeline(models)
     with torch.no_grad():
@@ -99,7 +102,7 @@ def build_cache(
         latents=latents,
         texts=texts,
         caption_of_sample=[number_of[captions[s.index]] for s in samples],
-        empty_caption=number_of[""],
+        dropout_caption=number_of[dropout_caption],
         preserved_captions_of_sample=None
         if preserved_captions is None
         else [[number_of[c] for c in preserved_captions[s.index]] for s in samples],

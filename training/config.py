@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 from errors import UserInputError
 from training.optimizers import ADAMW_MAX_LR, OPTIMIZER_TABLE, PRODIGY_MIN_MULTIPLIER
+from weights.lora_reference import display_reference
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ DEFAULTS = dict(
     autocaption_suffix=None,
     diff_output_preservation_class=None,
     diff_output_preservation_multiplier=1.0,
+    shift_timesteps_by_resolution=False,
+    continue_from_lora=None,
+    save_training_state=False,
 )
 MAX_PRESERVATION_MULTIPLIER = 10.0
 
@@ -86,6 +90,15 @@ class TrainingConfig:
     # turns), and the weight of that term.
     diff_output_preservation_class: str | None = None
     diff_output_preservation_multiplier: float = 1.0
+    # Noise levels shifted by image size as the dev scheduler shifts its steps (training.recipe
+    # sample_shifted_timesteps); off: the public trainer's sampling, the same at every size.
+    shift_timesteps_by_resolution: bool = False
+    # The LoRA this training starts from (training.continuation), as logs show it: a token in a
+    # URL's query is never recorded. None: a fresh LoRA.
+    continue_from_lora: str | None = None
+    # Also write the loop's state into the tar (training.training_state), so that a training continued
+    # from it runs on exactly as an uninterrupted one (about 8x the LoRA's size).
+    save_training_state: bool = False
 
     @property
     def preservation_classes(self) -> tuple[str, ...]:
@@ -126,6 +139,9 @@ def build_training_config(
     autocaption_suffix: str | None = DEFAULTS["autocaption_suffix"],
     diff_output_preservation_class: str | None = DEFAULTS["diff_output_preservation_class"],
     diff_output_preservation_multiplier: float = DEFAULTS["diff_output_preservation_multiplier"],
+    shift_timesteps_by_resolution: bool = DEFAULTS["shift_timesteps_by_resolution"],
+    continue_from_lora: str | None = DEFAULTS["continue_from_lora"],
+    save_training_state: bool = DEFAULTS["save_training_state"],
     has_hf_token: bool = False,
 ) -> TrainingConfig:
     """Check every input; raise UserInputError naming the first bad field, before any heavy work."""
@@ -181,6 +197,8 @@ def build_training_config(
     elif has_hf_token:
         log.warning("hf_token given without hf_repo_id: nothing will be pushed to the Hugging Face Hub")
     _bool("autocaption", autocaption)
+    _bool("shift_timesteps_by_resolution", shift_timesteps_by_resolution)
+    _bool("save_training_state", save_training_state)
     preservation_class = _affix("diff_output_preservation_class", diff_output_preservation_class)
     if preservation_class is not None:
         if not trigger_word.strip():
@@ -227,6 +245,9 @@ def build_training_config(
         autocaption_suffix=_affix("autocaption_suffix", autocaption_suffix),
         diff_output_preservation_class=preservation_class,
         diff_output_preservation_multiplier=float(diff_output_preservation_multiplier),
+        shift_timesteps_by_resolution=shift_timesteps_by_resolution,
+        continue_from_lora=_reference("continue_from_lora", continue_from_lora),
+        save_training_state=save_training_state,
     )
 
 
@@ -312,6 +333,15 @@ def _affix(field: str, value: object) -> str | None:
     if not isinstance(value, str) or len(value) > 300 or "\n" in value:
         raise UserInputError(field, value, "a short text on one line (at most 300 characters)")
     return value.strip()
+
+
+def _reference(field: str, value: object) -> str | None:
+    """A LoRA reference as it is recorded (display form: no URL query, data: URLs by size)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise UserInputError(field, value, "a LoRA reference, as lora_weights takes")
+    return display_reference(value.strip())
 
 
 def _bool(field: str, value: object) -> None:

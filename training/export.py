@@ -35,20 +35,38 @@ LORA_FILE = "lora.safetensors"
 TAR_NAME = "trained_model.tar"
 
 
-def adapter_metadata(rank: int, alpha: int, target_modules: list[str]) -> dict:
-    """diffusers' `lora_adapter_metadata` of a plain LoRA on the transformer (before json.dumps)."""
-    return {
+def adapter_metadata(
+    rank: int, alpha: int, target_modules: list[str], rank_pattern: dict[str, int] | None = None
+) -> dict:
+    """diffusers' `lora_adapter_metadata` of a plain LoRA on the transformer (before json.dumps);
+    rank_pattern: layers of another rank (alpha = rank there too)."""
+    adapter = {
         "transformer.r": rank,
         "transformer.lora_alpha": alpha,
         "transformer.target_modules": sorted(target_modules),
         "transformer.use_dora": False,
         "transformer.use_rslora": False,
     }
+    if rank_pattern:
+        adapter["transformer.rank_pattern"] = dict(sorted(rank_pattern.items()))
+        adapter["transformer.alpha_pattern"] = dict(sorted(rank_pattern.items()))
+    return adapter
 
 
-def lora_metadata(config: TrainingConfig, target_modules: list[str], steps_done: int) -> dict[str, str]:
-    adapter = adapter_metadata(config.lora_rank, config.lora_alpha, target_modules)
+def lora_metadata(
+    config: TrainingConfig,
+    target_modules: list[str],
+    steps_done: int,
+    rank_pattern: dict[str, int] | None = None,
+    continued_from: tuple[str, int] | None = None,
+) -> dict[str, str]:
+    """continued_from: (the earlier LoRA as shown, the steps its own metadata recorded)."""
+    adapter = adapter_metadata(config.lora_rank, config.lora_alpha, target_modules, rank_pattern)
+    continued = {}
+    if continued_from is not None:
+        continued = {"continued_from": continued_from[0], "continued_from_steps": str(continued_from[1])}
     return {
+        **continued,
         "format": "pt",
         "lora_adapter_metadata": json.dumps(adapter, sort_keys=True),
         "base_model": BASE_MODEL_REPO,

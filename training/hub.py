@@ -13,6 +13,7 @@ from pathlib import Path
 
 from training.config import TrainingConfig
 from training.export import BASE_MODEL_REPO, LORA_FILE, SOFTWARE_NAME
+from training.training_state import STATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def push_to_hub(
             repo_id=repo_id,
             repo_type="model",
             folder_path=str(folder),
+            ignore_patterns=[STATE_FILE],  # the training state is for continuing, not for the model repo
             commit_message=f"Upload FLUX.1-dev LoRA trained with {SOFTWARE_NAME}",
         )
     except Exception as exc:  # never lose the training to the Hub: any failure is logged and returned

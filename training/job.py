@@ -8,6 +8,7 @@ the base transformer is left without the adapter and the encoders back on their 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import traceback
@@ -22,6 +23,12 @@ from training.autocaption import autocaption_dataset
 from training.buckets import assign_buckets
 from training.cache import build_cache, move_encoders
 from training.config import TrainingConfig
+from training.continuation import (
+    check_state_fits,
+    load_starting_lora,
+    load_training_state,
+    report_differences,
+)
 from training.dataset import load_training_zip, replace_trigger
 from training.export import TAR_NAME, lora_metadata, save_lora_file, write_tar, write_training_folder
 from training.hub import model_card, push_to_hub
@@ -29,6 +36,8 @@ from training.loop import EMA_DECAY, StepCallback, StepReport, lora_adapter, lor
 from training.previews import PreviewSettings, generate_samples, render_previews
 from training.recipe import select_lora_targets
 from training.tracking import WandbSettings, WandbTracker
+from training.training_state import STATE_FILE, write_state
+from weights.lora_cache import LoraCache, default_lora_cache
 from weights.owned_folders import OwnedFolder, remove_abandoned
 
 log = logging.getLogger(__name__)
@@ -52,11 +61,15 @@ def run_training(
     log_every: int | None = None,
     wandb_api_key: str | None = None,
     wandb: WandbSettings = DEFAULT_WANDB,
+    continue_from_lora: str | None = None,
+    lora_cache: LoraCache | None = None,
 ) -> Path:
     """Train a LoRA on FLUX.1 dev from the user's zip; return the weights tar in output_dir.
 
     models: already loaded models to reuse (tests, notebooks); None loads dev and frees it after.
     wandb_api_key: log the run to Weights & Biases with the `wandb` settings (samples use `previews`').
+    continue_from_lora: start from this LoRA (any reference lora_weights takes; fetched through
+    `lora_cache`, the default cache when None) instead of a fresh one.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -72,6 +85,14 @@ def run_training(
         variant = get_variant(config.base_model)
         transformer = models.transformer_for(variant)
         targets = select_lora_targets(transformer, config.layers_to_optimize_regex)
+        start, resume = None, None
+        if continue_from_lora:
+            cache = lora_cache or default_lora_cache()
+            start = load_starting_lora(continue_from_lora, transformer, cache, hf_token)
+            resume = load_training_state(continue_from_lora, cache, hf_token, config)
+            report_differences(start, config.lora_rank, targets, config.trigger_word)
+            targets = start.targets
+            config = dataclasses.replace(config, lora_rank=start.rank)  # what config.json and the tar say
         log.info("LoRA on %d linear layers", len(targets))
 
         max_side = max(config.resolutions)
@@ -109,6 +130,7 @@ def run_training(
             ]
             if config.preservation_classes
             else None,
+            dropout_caption=config.trigger_word,
         )
         del examples  # the decoded images are in the cache now
         move_encoders(models, "cpu")
@@ -117,7 +139,10 @@ def run_training(
         staging = work / "trained_model"
         if wandb_api_key:
             tracker = WandbTracker(wandb_api_key, wandb, config.to_json(), work)
-        with lora_adapter(transformer, config.lora_rank, targets, config.seed):
+        with lora_adapter(
+            transformer, config.lora_rank, targets, config.seed, start=start.lora if start else None
+        ):
+            check_state_fits(resume, transformer)
             result = train_lora(
                 transformer,
                 cache,
@@ -126,6 +151,8 @@ def run_training(
                 models.scheduler_configs[variant.name],
                 log_every=log_every,
                 on_step=_tracking_steps(tracker, models, transformer, config, previews) if tracker else None,
+                resume=resume,
+                keep_state=config.save_training_state,
             )
             if tracker is not None:
                 tracker.finish()  # before the work folder (the run's files) goes
@@ -143,6 +170,7 @@ def run_training(
                 "samples": len(samples),
                 "images_used": report.images_used,
                 "captions_from_txt": report.captions_from_txt,
+                "first_loss": result.losses[0] if result.losses else None,
                 "final_loss": result.losses[-1] if result.losses else None,
                 "seconds": round(result.seconds, 1),
             },
@@ -150,11 +178,20 @@ def run_training(
         write_training_folder(
             staging,
             lora_state=result.lora_state,
-            metadata=lora_metadata(config, result.target_modules, len(result.losses)),
+            metadata=lora_metadata(
+                config,
+                result.target_modules,
+                len(result.losses),
+                rank_pattern=start.rank_pattern if start else None,
+                continued_from=(start.source, start.earlier_steps) if start else None,
+            ),
             config_json=config_json,
             captions=captions,
             losses=result.losses,
         )
+        if result.state is not None:
+            result.state.config = config_json
+            write_state(result.state, staging / STATE_FILE)
         relative_previews = [(p.relative_to(staging).as_posix(), prompt) for p, prompt in preview_files]
         if config.hf_repo_id:
             (staging / "README.md").write_text(model_card(config, relative_previews), encoding="utf-8")

@@ -1,7 +1,8 @@
 """The FLUX.1 training loop: cached latents and embeddings in, trained LoRA (or full) weights out.
 
 Reads top to bottom: add the adapter (fp32 LoRA parameters on the frozen base), choose memory
-savers, then per step: draw a batch from one bucket, noise it at sigmoid-normal timesteps, predict the
+savers, then per step: draw a batch from one bucket, noise it at sigmoid-normal timesteps (shifted by
+image size only when asked), predict the
 velocity, MSE (plus, with diff_output_preservation_class, the pull towards the base's prediction on the
 class-word captions), clip gradients at 1.0, step, update the exponential moving average (EMA) of the LoRA.
 Constant learning rate (what the public trainers ship). The saved LoRA is the EMA (decay 0.99, as the
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from flux.attention import configure_attention_backends
+from lora.formats import CanonicalLora
 from training.buckets import Sample, epoch_batches
 from training.cache import TrainingCache
 from training.config import TrainingConfig
@@ -36,8 +38,10 @@ from training.recipe import (
     flow_matching_loss,
     lora_config,
     preservation_loss,
+    sample_shifted_timesteps,
     sample_timesteps,
 )
+from training.training_state import LoopState
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +77,26 @@ class TrainingResult:
     optimizer: str  # the optimizer really used (after any fallback)
     gradient_checkpointing: bool
     seconds: float
+    state: LoopState | None = None  # with keep_state: what continues this training exactly
 
 
 @contextmanager
-def lora_adapter(transformer: torch.nn.Module, rank: int, targets: list[str], seed: int) -> Iterator[None]:
-    """Add a fresh LoRA (seeded init, fp32 parameters) to the transformer; remove it completely after."""
+def lora_adapter(
+    transformer: torch.nn.Module, rank: int, targets: list[str], seed: int, start: CanonicalLora | None = None
+) -> Iterator[None]:
+    """Add a LoRA (fp32 parameters) to the transformer; remove it completely after. Fresh (seeded
+    init) without `start`; else `start`'s weights, rank and layers (training.continuation)."""
     torch.manual_seed(seed)  # peft initialises lora_A from the global generator
-    transformer.add_adapter(lora_config(rank, targets), adapter_name=ADAPTER_NAME)
+    if start is not None:
+        ranks = {name: update.rank for name, update in start.items()}
+        targets = sorted(start)
+        rank_pattern = {name: r for name, r in ranks.items() if r != rank}
+        transformer.add_adapter(lora_config(rank, targets, rank_pattern), adapter_name=ADAPTER_NAME)
+    else:
+        transformer.add_adapter(lora_config(rank, targets), adapter_name=ADAPTER_NAME)
     try:
+        if start is not None:
+            _load_updates(transformer, start)
         for param in lora_parameters(transformer):
             # fp32 LoRA weights on a bf16 base: updates of 1e-4 relative size vanish in bf16.
             param.data = param.data.float()
@@ -91,8 +107,25 @@ def lora_adapter(transformer: torch.nn.Module, rank: int, targets: list[str], se
         transformer.requires_grad_(False).eval()
 
 
+def _load_updates(transformer: torch.nn.Module, start: CanonicalLora) -> None:
+    """Put each update into the adapter's lora_A / lora_B, its alpha / rank folded into lora_B (the
+    adapter runs at alpha = rank), so the adapter computes exactly the file's delta_W at scale 1."""
+    modules = dict(transformer.named_modules())
+    with torch.no_grad():
+        for name, update in start.items():
+            module = modules[name]
+            down = module.lora_A[ADAPTER_NAME].weight
+            up = module.lora_B[ADAPTER_NAME].weight
+            down.copy_(update.down.to(down.device, torch.float32))
+            up.copy_(update.up.to(up.device, torch.float32) * (update.alpha / update.rank))
+
+
 def lora_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in transformer.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+
+
+def lora_parameter_names(transformer: torch.nn.Module) -> list[str]:
+    return [n for n, _ in transformer.named_parameters() if ".lora_A." in n or ".lora_B." in n]
 
 
 def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -112,9 +145,12 @@ def train_lora(
     *,
     log_every: int | None = None,
     on_step: StepCallback | None = None,
+    resume: LoopState | None = None,
+    keep_state: bool = False,
 ) -> TrainingResult:
     """Run config.steps optimizer steps on a transformer that already carries the adapter; the
-    adapter then holds the EMA of its weights, which is also what lora_state is."""
+    adapter then holds the EMA of its weights, which is also what lora_state is. resume: go on from
+    an earlier training's state (training.training_state); keep_state: return this one's."""
     params = lora_parameters(transformer)
     if not params:
         raise RuntimeError("the transformer carries no LoRA parameters; use lora_adapter() first")
@@ -129,6 +165,10 @@ def train_lora(
         what=f"{len(params)} LoRA tensors (rank {config.lora_rank})",
         ema_decay=EMA_DECAY,
         on_step=on_step,
+        timesteps=sample_shifted_timesteps if config.shift_timesteps_by_resolution else sample_timesteps,
+        names=lora_parameter_names(transformer),
+        resume=resume,
+        keep_state=keep_state,
     )
     return TrainingResult(
         lora_state=lora_state_dict(transformer),
@@ -139,6 +179,7 @@ def train_lora(
         optimizer=run.optimizer,
         gradient_checkpointing=run.gradient_checkpointing,
         seconds=run.seconds,
+        state=run.state,
     )
 
 
@@ -148,6 +189,7 @@ class LoopResult:
     optimizer: str  # the optimizer really used (after any fallback)
     gradient_checkpointing: bool
     seconds: float
+    state: LoopState | None = None
 
 
 def train_parameters(
@@ -164,13 +206,18 @@ def train_parameters(
     what: str = "transformer parameters",
     ema_decay: float | None = None,
     on_step: StepCallback | None = None,
+    names: list[str] | None = None,
+    resume: LoopState | None = None,
+    keep_state: bool = False,
 ) -> LoopResult:
     """The flow-matching loop itself, for whichever parameters are given: a LoRA's (train_lora) or
     every transformer weight (flux-mini's full-parameter training). lr_schedule(step) multiplies
     config.learning_rate; None keeps it constant, as LoRA training does. timesteps draws each
     batch's noise levels: the recipe's by default; a model trained from scratch needs more draws at
     the highest noise, where only the text says what to draw (toys.mini.transformer_training).
-    ema_decay: keep an EMA of params and leave it in them at the end (None: the last step's weights)."""
+    ema_decay: keep an EMA of params and leave it in them at the end (None: the last step's weights).
+    names: the params' names, for resume and keep_state (training.training_state): resume runs
+    steps resume.step + 1 .. resume.step + config.steps exactly as one longer training would."""
     configure_attention_backends()  # before the first backward: cuDNN attention faults there
     device = next(transformer.parameters()).device
     checkpointing = _use_checkpointing(config, device, samples, transformer)
@@ -186,6 +233,14 @@ def train_parameters(
     guidance = TRAINING_GUIDANCE if transformer.config.guidance_embeds else None
     generator = torch.Generator("cpu").manual_seed(config.seed)  # CPU draws: same noise on every device
     batches = _batches(samples, config.batch_size, random.Random(config.seed))
+    first = 1
+    if resume is not None:
+        _restore(resume, params, names or [], optimizer, ema, generator)
+        for _ in range(resume.step):  # the batch order depends on the seed alone: replay it
+            next(batches)
+        first = resume.step + 1
+        log.info("continuing exactly from step %d", resume.step)
+    last = first + config.steps - 1
     log_every = log_every or max(1, min(25, config.steps // 20))
     log.info(
         "training %s (%.2fM parameters) for %d steps, batch %d, optimizer %s, lr %g",
@@ -203,7 +258,7 @@ def train_parameters(
     transformer.train()
     restore_lora_input_cast = keep_lora_inputs_in_base_dtype(transformer)  # see training/precision.py
     try:
-        for step in range(1, config.steps + 1):
+        for step in range(first, last + 1):
             if lr_schedule is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = config.learning_rate * lr_schedule(step)
@@ -237,28 +292,29 @@ def train_parameters(
 
             losses.append(value)
             smoothed = LOSS_SMOOTHING * smoothed + (1 - LOSS_SMOOTHING) * losses[-1]
-            if step % log_every == 0 or step == config.steps:
+            if step % log_every == 0 or step == last:
                 now = time.perf_counter()
                 per_step = (now - last_log) / (log_every if step % log_every == 0 else step % log_every)
                 last_log = now
                 log.info(
                     "step %d/%d | loss %.3f | lr %.1e | %.2f s/step | eta %s",
                     step,
-                    config.steps,
-                    smoothed / (1 - LOSS_SMOOTHING**step),  # bias-corrected average
+                    last,
+                    smoothed / (1 - LOSS_SMOOTHING ** (step - first + 1)),  # bias-corrected average
                     optimizer.param_groups[0]["lr"],
                     per_step,
-                    _duration(per_step * (config.steps - step)),
+                    _duration(per_step * (last - step)),
                 )
             if on_step is not None:
                 report = StepReport(
                     step=step,
-                    steps=config.steps,
+                    steps=last,
                     loss=losses[-1],
                     learning_rate=optimizer.param_groups[0]["lr"],
                     averaged_weights=lambda: _for_inference(transformer, ema),
                 )
                 on_step(report)
+        state = _capture(last, params, names or [], optimizer, ema, generator) if keep_state else None
         if ema is not None:
             ema.copy_into_params()
     finally:
@@ -272,8 +328,41 @@ def train_parameters(
         "trained %d steps in %s (%.2f steps/s)", config.steps, _duration(seconds), config.steps / seconds
     )
     return LoopResult(
-        losses=losses, optimizer=optimizer_used, gradient_checkpointing=checkpointing, seconds=seconds
+        losses=losses,
+        optimizer=optimizer_used,
+        gradient_checkpointing=checkpointing,
+        seconds=seconds,
+        state=state,
     )
+
+
+def _capture(step, params, names, optimizer, ema, generator) -> LoopState:
+    """The loop's state after `step`: raw weights (before the EMA is copied in), average, optimizer, generator."""
+    return LoopState(
+        step=step,
+        params={n: p.detach().to("cpu", copy=True) for n, p in zip(names, params, strict=True)},
+        ema=None
+        if ema is None
+        else {n: t.detach().to("cpu", copy=True) for n, t in zip(names, ema.ema.shadow_params, strict=True)},
+        ema_step=0 if ema is None else ema.ema.optimization_step,
+        optimizer=optimizer.state_dict(),
+        generator=generator.get_state(),
+    )
+
+
+def _restore(state: LoopState, params, names, optimizer, ema, generator) -> None:
+    if sorted(state.params) != sorted(names):
+        raise ValueError("the training state is of another LoRA (its layers or rank differ)")
+    with torch.no_grad():
+        for name, param in zip(names, params, strict=True):
+            param.copy_(state.params[name].to(param.device, param.dtype))
+    optimizer.load_state_dict(state.optimizer)
+    if ema is not None and state.ema is not None:
+        ema.ema.shadow_params = [
+            state.ema[n].to(p.device, p.dtype) for n, p in zip(names, params, strict=True)
+        ]
+        ema.ema.optimization_step = state.ema_step
+    generator.set_state(state.generator)
 
 
 @contextmanager
@@ -336,7 +425,7 @@ def _load_batch(
     latents = torch.stack([cache.latents.get(str(number))["latents"] for number in batch])
     drops = torch.rand(len(batch), generator=generator) < dropout
     captions = [
-        cache.empty_caption if drop else cache.caption_of_sample[number]
+        cache.dropout_caption if drop else cache.caption_of_sample[number]
         for number, drop in zip(batch, drops.tolist(), strict=True)
     ]
     return latents, *_load_texts(captions, cache)

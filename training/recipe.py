@@ -70,12 +70,22 @@ def summarise_layers(names: list[str]) -> str:
     return ", ".join(parts)
 
 
-def lora_config(rank: int, targets: list[str]):
+def lora_config(rank: int, targets: list[str], rank_pattern: dict[str, int] | None = None):
+    """alpha = rank everywhere (an update at scale 1); rank_pattern: layers of another rank (a LoRA
+    continued from a file whose layers differ)."""
     from peft import LoraConfig
 
-    # Full module names, so `proj_out` of a single block never also catches the final `proj_out`.
+    # Full module names, so `proj_out` of a single block never also catches the final `proj_out`;
+    # the patterns are regexes matched at the end of a name, so they are anchored the same way.
+    pattern = {re.escape(name): r for name, r in (rank_pattern or {}).items()}
     return LoraConfig(
-        r=rank, lora_alpha=rank, lora_dropout=0.0, init_lora_weights=True, target_modules=targets
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        init_lora_weights=True,
+        target_modules=targets,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
     )
 
 
@@ -128,7 +138,21 @@ def timestep_shift_mu(image_seq_len: int, scheduler_config: dict) -> float | Non
 def sample_timesteps(
     batch: int, image_seq_len: int, scheduler_config: dict, generator: torch.Generator
 ) -> torch.Tensor:
-    """Noise levels t in (0, 1): sigmoid of a standard normal, shifted as the scheduler shifts."""
+    """Noise levels t in (0, 1): sigmoid of a standard normal, at every image size alike.
+
+    The public trainer's rule (ai-toolkit's `timestep_type: sigmoid`, as flux-fine-tuner pins it):
+    median t 0.5, about 20 % of the steps below t = 0.3, where fine detail and likeness are learnt.
+    The arguments after `batch` are those of every sampler (training.loop.TimestepSampler)."""
+    t = torch.sigmoid(torch.randn(batch, generator=generator))
+    return t.clamp(1e-4, 1 - 1e-4)  # at the ends the target is degenerate
+
+
+def sample_shifted_timesteps(
+    batch: int, image_seq_len: int, scheduler_config: dict, generator: torch.Generator
+) -> torch.Tensor:
+    """sample_timesteps shifted as the scheduler shifts its sampling steps by image size (dev: more
+    noise for larger images): at 1024x1024 the median t is 0.76 and only 2.4 % of the steps fall below
+    t = 0.3. It trains composition and large shapes more, fine detail less (the shift_timesteps_by_resolution input)."""
     t = torch.sigmoid(torch.randn(batch, generator=generator))
     mu = timestep_shift_mu(image_seq_len, scheduler_config)
     if mu is not None:

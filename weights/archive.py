@@ -17,6 +17,7 @@ import stat
 import struct
 import tarfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Literal
 
@@ -159,10 +160,22 @@ def extract_single_safetensors(archive: Path, kind: FileKind, dest: Path, max_me
     over `max_member_bytes`, or the archive holds zero or several .safetensors files (the error
     lists what it holds). Nested archives are listed, never opened.
     """
+    return _extract(archive, kind, dest, max_member_bytes, _is_candidate)
+
+
+def extract_named_member(
+    archive: Path, kind: FileKind, basename: str, dest: Path, max_member_bytes: int
+) -> str:
+    """extract_single_safetensors for the one member whose file name is `basename` (at any depth),
+    with the same checks; ArchiveError when there is none."""
+    return _extract(archive, kind, dest, max_member_bytes, lambda name: PurePosixPath(name).name == basename)
+
+
+def _extract(archive: Path, kind: FileKind, dest: Path, limit: int, wanted: Callable[[str], bool]) -> str:
     if kind == "zip":
-        return _extract_from_zip(archive, dest, max_member_bytes)
+        return _extract_from_zip(archive, dest, limit, wanted)
     if kind == "tar":
-        return _extract_from_tar(archive, dest, max_member_bytes)
+        return _extract_from_tar(archive, dest, limit, wanted)
     raise ArchiveError(f"not an archive ({kind})")
 
 
@@ -193,7 +206,7 @@ def _one(candidates: list[str], listing: list[str]) -> str:
     )
 
 
-def _extract_from_tar(archive: Path, dest: Path, limit: int) -> str:
+def _extract_from_tar(archive: Path, dest: Path, limit: int, wanted: Callable[[str], bool]) -> str:
     try:
         with tarfile.open(archive, mode="r:*") as tar:
             members: dict[str, tarfile.TarInfo] = {}
@@ -215,7 +228,7 @@ def _extract_from_tar(archive: Path, dest: Path, limit: int) -> str:
                     raise ArchiveError(f"the archive is refused: member {member.name!r} is a device or fifo")
                 if member.isfile():
                     listing.append(member.name)
-                    if _is_candidate(member.name):
+                    if wanted(member.name):
                         members[member.name] = member
             name = _one(list(members), listing)
             member = members[name]
@@ -231,7 +244,7 @@ def _extract_from_tar(archive: Path, dest: Path, limit: int) -> str:
         raise ArchiveError(f"the tar archive is damaged or truncated ({err})") from None
 
 
-def _extract_from_zip(archive: Path, dest: Path, limit: int) -> str:
+def _extract_from_zip(archive: Path, dest: Path, limit: int, wanted: Callable[[str], bool]) -> str:
     try:
         with zipfile.ZipFile(archive) as z:
             infos = z.infolist()
@@ -253,7 +266,7 @@ def _extract_from_zip(archive: Path, dest: Path, limit: int) -> str:
                 if info.is_dir():
                     continue
                 listing.append(info.filename)
-                if _is_candidate(info.filename):
+                if wanted(info.filename):
                     candidates[info.filename] = info
             name = _one(list(candidates), listing)
             info = candidates[name]
@@ -282,6 +295,7 @@ __all__ = [
     "FileKind",
     "NotSafetensorsError",
     "ONLY_SAFETENSORS",
+    "extract_named_member",
     "extract_single_safetensors",
     "refusal_for",
     "sniff",

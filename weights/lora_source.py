@@ -34,6 +34,7 @@ from errors import UserInputError
 from weights.archive import (
     ArchiveError,
     NotSafetensorsError,
+    extract_named_member,
     extract_single_safetensors,
     refusal_for,
     sniff,
@@ -211,8 +212,65 @@ def _fetch_local(path: Path, cache: LoraCache, limits: DownloadLimits) -> Path:
     return cache.get_or_create(key, produce)
 
 
-def _produce(source: LoraSource, workdir: Path, limits: DownloadLimits, tokens: LoraTokens) -> Path:
-    """Download `source` into `workdir` and return the verified .safetensors made from it."""
+def fetch_lora_companion(
+    reference: str,
+    cache: LoraCache,
+    field: str,
+    member: str,
+    *,
+    limits: DownloadLimits | None = None,
+    tokens: LoraTokens | None = None,
+) -> Path | None:
+    """The member named `member` of the archive `reference` names (a tar this project's trainer
+    wrote holds its training state beside the LoRA), verified as safetensors and cached like a LoRA;
+    None when the reference is not an archive or holds no such member. Call fetch_lora first: this
+    assumes the reference is valid, and raises UserInputError(field, ...) only for failed downloads."""
+    limits = limits or download_limits_from_env()
+    tokens = tokens or LoraTokens()
+    try:
+        source = parse_lora_reference(reference)
+        if isinstance(source, LocalSource):
+            path = source.path.expanduser()
+            if not path.is_file() or sniff(path) not in ("tar", "zip"):
+                return None
+            st = path.stat()
+            key = f"local:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}#{member}"
+            return cache.get_or_create(
+                key, lambda workdir: _member_of(path, member, workdir, limits, str(path))
+            )
+        key = source_key(source) + _token_scope(source, tokens) + f"#{member}"
+
+        def produce(workdir: Path) -> Path:
+            raw, what = _download_raw(source, workdir, limits, tokens)
+            return _member_of(raw, member, workdir, limits, what)
+
+        return cache.get_or_create(key, produce)
+    except _NoMember:
+        return None
+    except (LoraReferenceError, DownloadError, ArchiveError, NotSafetensorsError) as err:
+        raise UserInputError(field, _hide_tokens(reference), str(err)) from None
+
+
+class _NoMember(Exception):
+    pass
+
+
+def _member_of(archive: Path, member: str, workdir: Path, limits: DownloadLimits, what: str) -> Path:
+    kind = sniff(archive)
+    if kind not in ("tar", "zip"):
+        raise _NoMember
+    out = workdir / member
+    try:
+        extract_named_member(archive, kind, member, out, limits.max_bytes)
+    except ArchiveError:
+        raise _NoMember from None
+    return _verified(out, f"{member} in {what}")
+
+
+def _download_raw(
+    source: LoraSource, workdir: Path, limits: DownloadLimits, tokens: LoraTokens
+) -> tuple[Path, str]:
+    """Download `source` as it comes into `workdir`; (the file, how errors name it)."""
     raw = workdir / "download"
     if isinstance(source, DataSource):
         _decode_data_url(source.url, raw, limits.max_bytes)
@@ -227,6 +285,12 @@ def _produce(source: LoraSource, workdir: Path, limits: DownloadLimits, tokens: 
         what = download_civitai(source, raw, limits, tokens)
     else:
         raise TypeError(f"cannot download {source!r}")
+    return raw, what
+
+
+def _produce(source: LoraSource, workdir: Path, limits: DownloadLimits, tokens: LoraTokens) -> Path:
+    """Download `source` into `workdir` and return the verified .safetensors made from it."""
+    raw, what = _download_raw(source, workdir, limits, tokens)
     kind = sniff(raw)
     if kind == "safetensors":
         return _verified(raw, what)

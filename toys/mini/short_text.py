@@ -29,7 +29,7 @@ SAME_ROW = 1e-5
 def shortened(cache: TrainingCache, tokens: int) -> TrainingCache:
     """The same cache with every T5 sequence cut to its first `tokens` rows plus its last row."""
     texts = TensorStore(None)
-    for number in range(max(*cache.caption_of_sample, cache.empty_caption) + 1):
+    for number in range(max(*cache.caption_of_sample, cache.dropout_caption) + 1):
         entry = cache.texts.get(str(number))
         prompt = entry["prompt"]
         texts.put(str(number), {"prompt": short_rows(prompt, tokens), "pooled": entry["pooled"]})
