@@ -22,7 +22,12 @@ from training.job import run_training
 from training.loop import _class_captions, lora_adapter
 from training.optimizers import build_optimizer, effective_learning_rate
 from training.previews import PreviewSettings
-from training.recipe import block_linear_names, sample_shifted_timesteps, sample_timesteps, select_lora_targets
+from training.recipe import (
+    block_linear_names,
+    sample_shifted_timesteps,
+    sample_timesteps,
+    select_lora_targets,
+)
 
 FAST_PREVIEWS = PreviewSettings(count=2, steps=1, width=256, height=256)
 NO_PREVIEWS = PreviewSettings(count=0)
