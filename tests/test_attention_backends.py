@@ -45,16 +45,20 @@ def test_training_turns_cudnn_attention_off(cudnn_attention_on):
     assert seen and not any(seen)
 
 
-def test_serving_setup_turns_cudnn_attention_off(cudnn_attention_on, monkeypatch):
+def test_serving_setup_turns_cudnn_attention_off(cudnn_attention_on, monkeypatch, tmp_path):
+    from weights.lora_cache import LoraCache
+
     import predict
 
     seen = []
     # The flag must be off before the models are loaded (and stay off: setup changes it no more).
     monkeypatch.setattr(predict, "LoraManager", lambda *args: None)
-    monkeypatch.setattr(predict, "default_lora_cache", lambda: None)
+    monkeypatch.setattr(predict, "default_lora_cache", lambda: LoraCache(tmp_path / "cache", 10**9))
     monkeypatch.setattr(predict.SafetyChecker, "load", staticmethod(lambda device: None))
     monkeypatch.setattr(predict, "load_flux", _recording_loader(seen))
-    predict.Runner().setup()
+    runner = predict.Runner()
+    runner.setup()
+    runner.outputs.release()
     assert seen == [False]
 
 
