@@ -15,6 +15,7 @@ class UserInputError(ValueError):
         super().__init__(f"{field}: got {_short(value)}; {allowed}")
 
 
-def _short(value: object, limit: int = 200) -> str:
+def _short(value: object, limit: int = 120) -> str:
+    """An excerpt of what the user sent: errors never echo a long value back (a pasted file, say)."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "...'"

@@ -13,6 +13,7 @@ from cog import BaseRunner, Input, Path, Secret
 
 from flux.attention import configure_attention_backends
 from flux.generate import generate
+from flux.host_memory import release_free_host_memory
 from flux.loading import load_flux
 from flux.output import OUTPUT_PREFIX, save_images
 from flux.request import build_request
@@ -163,6 +164,9 @@ class Runner(BaseRunner):
             default=True,
         ),
     ) -> list[Path]:
+        # What the previous request freed (it succeeded or failed) goes back to the system first:
+        # sizes that never repeat fragment the allocator, and the footprint would grow without end.
+        release_free_host_memory()
         request = build_request(
             prompt=prompt,
             model=model,

@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ def _malloc_trim():
 
 
 def release_free_host_memory() -> bool:
-    """Return freed heap pages to the system; True if the C library did (glibc's malloc_trim)."""
+    """Return freed heap pages to the system; True if the C library did (glibc's malloc_trim).
+    FLUX_TRIM_HOST_MEMORY=0 turns it off (to compare, or where another allocator is preloaded)."""
+    if os.environ.get("FLUX_TRIM_HOST_MEMORY", "1") == "0":
+        return False
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False

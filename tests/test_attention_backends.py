@@ -46,9 +46,8 @@ def test_training_turns_cudnn_attention_off(cudnn_attention_on):
 
 
 def test_serving_setup_turns_cudnn_attention_off(cudnn_attention_on, monkeypatch, tmp_path):
-    from weights.lora_cache import LoraCache
-
     import predict
+    from weights.lora_cache import LoraCache
 
     seen = []
     # The flag must be off before the models are loaded (and stay off: setup changes it no more).

@@ -360,6 +360,21 @@ def test_bad_data_urls(cache: LoraCache) -> None:
     assert leftovers(cache) == []
 
 
+def test_errors_never_echo_a_data_urls_payload(cache: LoraCache) -> None:
+    payload = base64.b64encode(pickle.dumps(list(range(3000)), protocol=4)).decode()
+    with pytest.raises(UserInputError) as info:
+        fetch_lora("data:application/octet-stream;base64," + payload, cache, field="extra_lora")
+    message = str(info.value)
+    assert message.startswith("extra_lora: got 'data:application/octet-stream (")
+    assert payload[:20] not in message and len(message) < 400
+    with pytest.raises(UserInputError) as info:  # any long value is cut to a short excerpt
+        fetch_lora("x" * 5000, cache)
+    assert len(str(info.value)) < 500
+    with pytest.raises(UserInputError) as info:  # a path too long for the file system is refused too
+        fetch_lora("/" + "x" * 5000, cache)
+    assert len(str(info.value)) < 500
+
+
 def test_archive_that_unpacks_to_far_more_is_refused(fixture_server: FixtureServer, cache: LoraCache) -> None:
     limits = DownloadLimits(max_bytes=len(LORA) + 1024)
     padding = bytes(5 * limits.max_bytes)  # the LoRA fits the limit; the whole archive unpacks to far more

@@ -123,9 +123,17 @@ def parse_lora_reference(reference: str) -> LoraSource:
     first = ref.split("/", 1)[0].lower()
     if first in _HF_HOSTS + _REPLICATE_HOSTS + _CIVITAI_HOSTS or first.endswith("replicate.delivery"):
         return _parse_url("https://" + ref)
-    if Path(ref).exists():
+    if _exists(Path(ref)):
         return LocalSource(Path(ref))
     return _parse_bare(ref)
+
+
+def _exists(path: Path) -> bool:
+    """Whether a file is there; a name too long to be a path (a pasted payload) is none."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def _parse_url(url: str) -> LoraSource:

@@ -62,6 +62,7 @@ from weights.lora_reference import (
     LoraSource,
     ReplicateSource,
     UrlSource,
+    display_reference,
     parse_lora_reference,
     refuse_pickle_name,
 )
@@ -129,7 +130,7 @@ def fetch_lora(
         log.info("%s: %s (%s)", field, path, "downloaded" if cache.misses > before else "cached")
         return path
     except (LoraReferenceError, DownloadError, ArchiveError, NotSafetensorsError) as err:
-        raise UserInputError(field, _hide_tokens(reference), str(err)) from None
+        raise UserInputError(field, _shown(reference), str(err)) from None
 
 
 def _token_scope(source: LoraSource, tokens: LoraTokens) -> str:
@@ -148,6 +149,14 @@ def _token_scope(source: LoraSource, tokens: LoraTokens) -> str:
     else:
         return ""
     return f"|token:{credential.fingerprint()}" if credential.from_request else ""
+
+
+def _shown(reference: str) -> str:
+    """The reference as errors echo it: a data: URL by its type and size (never its payload), a
+    token pasted into a URL masked."""
+    if reference.startswith("data:"):
+        return display_reference(reference)
+    return _hide_tokens(reference)
 
 
 def _hide_tokens(reference: str) -> str:
@@ -185,7 +194,11 @@ def _env_float(name: str, default: float) -> float:
 
 def _fetch_local(path: Path, cache: LoraCache, limits: DownloadLimits) -> Path:
     path = path.expanduser()
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as err:  # a name the file system refuses outright (too long, say)
+        raise LoraReferenceError(f"not a usable local path ({err.strerror})") from None
+    if is_dir:
         found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".safetensors" and p.is_file())
         if len(found) != 1:
             names = ", ".join(p.name for p in found) or "none"
@@ -248,7 +261,7 @@ def fetch_lora_companion(
     except _NoMember:
         return None
     except (LoraReferenceError, DownloadError, ArchiveError, NotSafetensorsError) as err:
-        raise UserInputError(field, _hide_tokens(reference), str(err)) from None
+        raise UserInputError(field, _shown(reference), str(err)) from None
 
 
 class _NoMember(Exception):
