@@ -102,18 +102,28 @@ def request_mix(count: int, host: str, seed: int = 0) -> list[tuple[str, dict]]:
 
 
 def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants, in MB (from /proc)."""
-    total, stack = 0, [pid]
+    """Resident memory of a process and all its descendants, in MB (from /proc). Parents are read from
+    every process's stat: the Cog server starts its worker from another thread than its main one, so
+    /proc/<pid>/task/<pid>/children alone misses it."""
+    parents, rss = {}, {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            status = (proc / "status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        parents[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        rss[int(proc.name)] = next(
+            (int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")), 0
+        )
+    tree, stack = set(), [pid]
     while stack:
         current = stack.pop()
-        try:
-            status = Path(f"/proc/{current}/status").read_text()
-            total += int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except (FileNotFoundError, ProcessLookupError, StopIteration):
-            continue
-        stack.extend(int(child) for child in children)
-    return total / 1024
+        tree.add(current)
+        stack.extend(child for child, parent in parents.items() if parent == current and child not in tree)
+    return sum(rss.get(p, 0) for p in tree) / 1024
 
 
 def folder_mb(folder: Path) -> float:
