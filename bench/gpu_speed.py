@@ -461,6 +461,66 @@ def lora_section(bench: Bench, models) -> None:
     bench.log("lora", {k: v for k, v in bench.results.items() if k.startswith("lora_")})
 
 
+def allocator_section(bench: Bench, models) -> None:
+    """Reserved CUDA memory as a server sees it (issue 29): every size of the aspect-ratio table at both
+    megapixels, with img2img and LoRA churn between them, twice over, under PyTorch's default caching
+    allocator and then with expandable_segments (switched at run time after emptying the cache, so the
+    second pass allocates only segments of the new kind). What grows between the passes is what weeks of
+    varied requests would grow; reserved minus allocated is the fragmentation."""
+    from flux.generate import generate
+    from flux.request import build_request
+    from flux.sizes import ASPECT_RATIOS, MEGAPIXELS
+    from lora.apply import LoraFuser
+
+    if bench.device.type != "cuda":
+        bench.results["allocator"] = "not measured: no CUDA device"
+        return
+    transformer = models.transformers["dev"]
+    fuser = LoraFuser(transformer)
+    loras = [[], [("a", rank16_lora(transformer, 1), 1.0)], [("b", rank16_lora(transformer, 2), 0.7)]]
+    steps = 2  # memory, not speed: two denoising steps reach every buffer a full request allocates
+    sizes = [(ratio, mp) for mp in MEGAPIXELS for ratio in ASPECT_RATIOS]
+
+    def one_pass(setting: str) -> dict:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.memory._set_allocator_settings(f"expandable_segments:{setting}")
+        reserved = []
+        for lap in range(2):
+            for index, (ratio, megapixels) in enumerate(sizes):
+                fuser.set_loras(loras[(index + lap) % len(loras)])
+                request = build_request(
+                    prompt=f"{PROMPT} {ratio}",
+                    model="dev",
+                    num_inference_steps=steps,
+                    seed=index,
+                    aspect_ratio=ratio,
+                    megapixels=megapixels,
+                    go_fast=False,
+                    output_format="png",
+                )
+                generate(models, request)
+                bench.sync()
+                reserved.append(torch.cuda.memory_reserved() / 2**30)
+        fuser.set_loras([])
+        return {
+            "reserved_after_first_lap_GB": round(reserved[len(sizes) - 1], 2),
+            "reserved_after_second_lap_GB": round(reserved[-1], 2),
+            "peak_reserved_GB": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+            "peak_allocated_GB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "fragmentation_GB": round(
+                (torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / 2**30, 2
+            ),
+        }
+
+    results = {"requests_per_pass": 2 * len(sizes), "steps": steps}
+    for setting in ("False", "True"):
+        results[f"expandable_segments_{setting}"] = one_pass(setting)
+        bench.log("allocator", setting, results[f"expandable_segments_{setting}"])
+    torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+    bench.results["allocator"] = results
+
+
 # ---- report --------------------------------------------------------------------------------------
 
 
@@ -612,6 +672,9 @@ def main() -> None:
             bench.attempt("LoRA", lora_section, bench, models)
         if bench.device.type == "cuda":
             bench.results["gpu_peak_mem_GB"] = torch.cuda.max_memory_allocated() / 2**30
+        # after the peak above: this section resets the peak counters
+        if bench.section("allocator", 5 if args.tiny else 40):
+            bench.attempt("allocator", allocator_section, bench, models)
         if not args.no_train and bench.section("training", 10 if args.tiny else 120):
             bench.attempt("training", train_section, bench, models, FULL["transformer"])
     finally:
