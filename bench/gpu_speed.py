@@ -172,11 +172,15 @@ class RecompileCounter(logging.Handler):
 
 
 RECOMPILES = RecompileCounter()
+RECOMPILES_LOGGER = "torch._dynamo.guards.__recompiles"  # torch._logging's "recompiles" artifact
 
 
 def log_recompiles() -> None:
+    """Count Dynamo's recompiles. set_logs gives `torch._dynamo` a handler of its own and stops its records
+    there (propagate off), so a handler on `torch` sees none: the counter hangs on the artifact logger
+    the recompile records are written to."""
     torch._logging.set_logs(recompiles=True)
-    logging.getLogger("torch").addHandler(RECOMPILES)
+    logging.getLogger(RECOMPILES_LOGGER).addHandler(RECOMPILES)
 
 
 # ---- the baseline, in its own process ------------------------------------------------------------

@@ -13,6 +13,13 @@ of other shapes: no heart, 4 shapes right against 6 without the LoRA (600 steps:
 elsewhere; without the preservation, on an earlier build: 2 hearts elsewhere). The test asks for 2
 hearts, at most 1 heart elsewhere and at most 2 shapes lost, leaving room for the server's path
 differing from the bench's in the last bits.
+
+The training opts into shift_timesteps_by_resolution (issue 30): flux-mini learns a new outline from
+the high-noise steps, which the shifted sampling gives more of. With the default, the public trainer's
+unshifted sampling, the same recipe drew 1 heart in 8 at 800 steps and at 1,000 (2 at 300 steps and a
+doubled learning rate, with hearts elsewhere): a short test cannot reach the bar that way; the bench
+measures the default at its full 2,000 steps (bench/RESULTS.md, issue 30). Slow (~7 min on 2 cores):
+`./run.sh test -m slow` runs it, CI too.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import pytest
 
 from tests.test_flux_mini_draws import WEIGHTS, committed, served_score
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 STEPS = 800
 LEARNING_RATE = 2e-3
@@ -48,6 +55,7 @@ def trained_tar(tiny_env, tmp_path_factory) -> bytes:
         "resolution": str(quality.SIDE),
         "autocaption": False,
         "seed": 0,
+        "shift_timesteps_by_resolution": True,  # see the docstring
         # the world's eight shape words: prompts for them, without TOK, stay as they were
         "diff_output_preservation_class": quality.PRESERVED_CLASSES,
     }
