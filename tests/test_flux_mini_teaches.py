@@ -5,21 +5,15 @@ the trigger word as they were.
 
 The user's path end to end: `cog train` with a zip of captioned images and a trigger word on the
 committed flux-mini, then the trained tar as `replicate_weights` of predictions, each through the real
-Cog server; the images are judged by the shapes scorer. The full figures (2,000 steps: hearts in 95 % of
-20 prompts, held-out shape kept 86 %) are in bench/RESULTS.md ("training teaches"). Here a short training
-(800 steps at a higher learning rate, ~5 min with the preservation's second forward) measured on the
-development machine: hearts for 3 of these 8 prompts against none without the LoRA; 8 held-out prompts
-of other shapes: no heart, 4 shapes right against 6 without the LoRA (600 steps: 2 hearts, 1 heart
-elsewhere; without the preservation, on an earlier build: 2 hearts elsewhere). The test asks for 2
-hearts, at most 1 heart elsewhere and at most 2 shapes lost, leaving room for the server's path
-differing from the bench's in the last bits.
-
-The training opts into shift_timesteps_by_resolution (issue 30): flux-mini learns a new outline from
-the high-noise steps, which the shifted sampling gives more of. With the default, the public trainer's
-unshifted sampling, the same recipe drew 1 heart in 8 at 800 steps and at 1,000 (2 at 300 steps and a
-doubled learning rate, with hearts elsewhere): a short test cannot reach the bar that way; the bench
-measures the default at its full 2,000 steps (bench/RESULTS.md, issue 30). Slow (~7 min on 2 cores):
-`./run.sh test -m slow` runs it, CI too.
+Cog server; the images are judged by the shapes scorer. The training is the bench's ("training teaches" in
+bench/RESULTS.md): 2,000 steps at lr 1e-3, rank 32, the world's eight shape words preserved, the
+public trainer's noise-level sampling (issue 30). Measured there through the same Cog trainer, seed 0:
+hearts for 90 % of 20 prompts that ask (0 % without), held-out shape accuracy kept 90 %. Shorter
+recipes proved fragile: 800 steps at lr 2e-3, rank 16 drew hearts for 3 of 8 prompts with the sampling
+shifted by resolution (before issue 30), and 1 of 8 after it, shifted or not, and 1 of 8 at 1,000 steps.
+The test asks for 2 hearts of 8, at most 1 heart elsewhere and at most 2 shapes lost, leaving room
+for the server's path differing from the bench's in the last bits. Slow (~20 min on 2 cores):
+`./run.sh test -m slow` runs it, and CI.
 """
 
 from __future__ import annotations
@@ -32,9 +26,9 @@ from tests.test_flux_mini_draws import WEIGHTS, committed, served_score
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-STEPS = 800
-LEARNING_RATE = 2e-3
-RANK = 16
+STEPS = 2000
+LEARNING_RATE = 1e-3
+RANK = 32
 SAMPLES = 8
 
 
@@ -55,13 +49,12 @@ def trained_tar(tiny_env, tmp_path_factory) -> bytes:
         "resolution": str(quality.SIDE),
         "autocaption": False,
         "seed": 0,
-        "shift_timesteps_by_resolution": True,  # see the docstring
         # the world's eight shape words: prompts for them, without TOK, stay as they were
         "diff_output_preservation_class": quality.PRESERVED_CLASSES,
     }
     env = {**tiny_env, "FLUX_WEIGHTS_DIR": str(WEIGHTS), "LORA_PREVIEW_STEPS": "0"}
     with cog_server("train", env=env, log_path=folder / "train-server.log") as url:
-        result = run_job(url, "train", inputs, timeout=900)
+        result = run_job(url, "train", inputs, timeout=5400)  # minutes on a busy machine: not a timing
     assert result["status"] == "succeeded", result.get("error")
     return decode_data_url(result["output"]["weights"])
 
