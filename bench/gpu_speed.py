@@ -467,7 +467,7 @@ def lora_section(bench: Bench, models) -> None:
 
 def allocator_section(bench: Bench, models) -> None:
     """Reserved CUDA memory as a server sees it (issue 29): every size of the aspect-ratio table at both
-    megapixels, with img2img and LoRA churn between them, twice over, under PyTorch's default caching
+    megapixels, with LoRA churn between them (none, A, B in turn), twice over, under PyTorch's default caching
     allocator and then with expandable_segments (switched at run time after emptying the cache, so the
     second pass allocates only segments of the new kind). What grows between the passes is what weeks of
     varied requests would grow; reserved minus allocated is the fragmentation."""

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def tree_rss_mb(pid: int) -> float:
     """Resident memory of a process and all its descendants, in MB (from /proc). Parents are read from
     every process's stat: the Cog server starts its worker from another thread than its main one, so
     /proc/<pid>/task/<pid>/children alone misses it."""
-    parents, rss = {}, {}
+    children, rss = defaultdict(list), {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -114,16 +115,16 @@ def tree_rss_mb(pid: int) -> float:
             status = (proc / "status").read_text()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        parents[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        children[int(stat.rsplit(")", 1)[1].split()[1])].append(int(proc.name))
         rss[int(proc.name)] = next(
             (int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")), 0
         )
-    tree, stack = set(), [pid]
-    while stack:
+    total, stack = 0, [pid]
+    while stack:  # a process tree has no cycles: each pid is reached once
         current = stack.pop()
-        tree.add(current)
-        stack.extend(child for child, parent in parents.items() if parent == current and child not in tree)
-    return sum(rss.get(p, 0) for p in tree) / 1024
+        total += rss.get(current, 0)
+        stack.extend(children[current])
+    return total / 1024
 
 
 def folder_mb(folder: Path) -> float:
