@@ -12,6 +12,7 @@ from pathlib import Path as LocalPath
 from cog import BaseRunner, Input, Path, Secret
 
 from flux.attention import configure_attention_backends
+from flux.fast.step_cache import prepare_step_cache
 from flux.generate import generate
 from flux.host_memory import release_free_host_memory
 from flux.loading import load_flux
@@ -39,6 +40,7 @@ class Runner(BaseRunner):
             level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s"
         )
         configure_attention_backends()
+        prepare_step_cache()
         cache = default_lora_cache()
         # What killed servers left behind: their output folders and partial LoRA downloads.
         remove_abandoned(OUTPUT_PREFIX)
@@ -163,6 +165,11 @@ class Runner(BaseRunner):
             description="fp8 and compiled on GPUs that support it (faster, not bit-reproducible); false: bf16.",
             default=True,
         ),
+        step_cache: str = Input(
+            description="Skip transformer work on steps that change little (cache-dit): light, medium or strong trade more speed for more change; off: every step computed.",
+            default="off",
+            choices=["off", "light", "medium", "strong"],
+        ),
     ) -> list[Path]:
         # What the previous request freed (it succeeded or failed) goes back to the system first:
         # sizes that never repeat fragment the allocator, and the footprint would grow without end.
@@ -185,6 +192,7 @@ class Runner(BaseRunner):
             prompt_strength=prompt_strength,
             mask=_local(mask),
             go_fast=go_fast,
+            step_cache=step_cache,
         )
         loras = choose_loras(
             lora_weights, replicate_weights, lora_scale, extra_lora, extra_lora_scale, version=self.version

@@ -9,6 +9,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, Flux
 from PIL import Image
 
 from flux.fast.path import setup_fast
+from flux.fast.step_cache import StepCacheReport, step_caching
 from flux.images import open_user_image, open_user_mask
 from flux.loading import FluxModels
 from flux.request import GenerationRequest, denoising_steps
@@ -23,6 +24,7 @@ class GenerationResult:
     seed: int
     width: int
     height: int
+    step_cache: StepCacheReport | None = None  # what step caching skipped, when the request asked for it
 
 
 def draw_seed() -> int:
@@ -69,22 +71,23 @@ def generate(models: FluxModels, request: GenerationRequest) -> GenerationResult
     generator = torch.Generator("cpu").manual_seed(seed)
     with torch.inference_mode(), models.fast.session(variant.name, request.go_fast):
         prompt_embeds, pooled = prompt_embeddings(models, pipe, request)
-        output = pipe(
-            prompt_embeds=prompt_embeds.repeat(request.num_outputs, 1, 1),
-            pooled_prompt_embeds=pooled.repeat(request.num_outputs, 1),
-            width=width,
-            height=height,
-            num_images_per_prompt=1,  # the embeddings above are already one per image
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance,
-            generator=generator,
-            output_type="pil",
-            **extra,
-        )
+        with step_caching(pipe.transformer, request.step_cache, request.transformer_calls) as cache_report:
+            output = pipe(
+                prompt_embeds=prompt_embeds.repeat(request.num_outputs, 1, 1),
+                pooled_prompt_embeds=pooled.repeat(request.num_outputs, 1),
+                width=width,
+                height=height,
+                num_images_per_prompt=1,  # the embeddings above are already one per image
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance,
+                generator=generator,
+                output_type="pil",
+                **extra,
+            )
     images = list(output.images)
     if "mask_image" in extra:
         images = [keep_unmasked(extra["image"], extra["mask_image"], generated) for generated in images]
-    return GenerationResult(images=images, seed=seed, width=width, height=height)
+    return GenerationResult(images=images, seed=seed, width=width, height=height, step_cache=cache_report)
 
 
 def _source_back(image: Image.Image, request: GenerationRequest, seed: int, width: int, height: int):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from errors import UserInputError
+from flux.fast.step_cache import STEP_CACHE_OFF, check_step_cache
 from flux.sizes import normalize_megapixels, resolve_size
 from flux.variants import MAX_STEPS, VariantSpec, get_variant
 
@@ -37,6 +38,15 @@ class GenerationRequest:
     mask: Path | None = None
     # fp8 + compiled blocks where the GPU supports it (not bit-reproducible); false: the bf16 eager path.
     go_fast: bool = True
+    # Named level of step caching (flux/fast/step_cache.py); "off" computes every block on every step.
+    step_cache: str = STEP_CACHE_OFF
+
+    @property
+    def transformer_calls(self) -> int:
+        """Denoising steps the pipeline runs: img2img and inpainting skip the first ones."""
+        if self.image is None:
+            return self.num_inference_steps
+        return denoising_steps(self.num_inference_steps, self.prompt_strength)
 
 
 def build_request(
@@ -58,6 +68,7 @@ def build_request(
     prompt_strength: float = 0.8,
     mask: Path | None = None,
     go_fast: bool = True,
+    step_cache: str = STEP_CACHE_OFF,
 ) -> GenerationRequest:
     """Check every input against its rules; raise UserInputError naming the first bad field.
 
@@ -93,6 +104,7 @@ def build_request(
         mask = None
     if not isinstance(go_fast, bool):
         raise UserInputError("go_fast", go_fast, "true or false")
+    check_step_cache(step_cache)
     return GenerationRequest(
         prompt=prompt,
         variant=variant,
@@ -109,6 +121,7 @@ def build_request(
         prompt_strength=float(prompt_strength),
         mask=mask,
         go_fast=go_fast,
+        step_cache=step_cache,
     )
 
 

@@ -13,6 +13,7 @@ from cog._adt import PrimitiveType, Repetition
 from cog._inspector import create_predictor
 from cog_schema import ADAPTERS, SchemaError, input_component, openapi_schema, static_inputs
 
+from flux.fast.step_cache import STEP_CACHE_LEVELS, STEP_CACHE_OFF
 from flux.request import DEFAULT_GUIDANCE, MAX_GUIDANCE, MAX_OUTPUTS, OUTPUT_FORMATS
 from flux.sizes import ASPECT_RATIOS, CUSTOM, MAX_SIDE, MEGAPIXELS, MIN_SIDE
 from flux.variants import MAX_STEPS, MIN_STEPS, VARIANTS
@@ -70,6 +71,8 @@ def test_predict_literals_are_the_library_constants():
     assert inputs["aspect_ratio"].choices == [*ASPECT_RATIOS, CUSTOM]
     assert inputs["megapixels"].choices == list(MEGAPIXELS)
     assert inputs["output_format"].choices == list(OUTPUT_FORMATS)
+    assert inputs["step_cache"].choices == list(STEP_CACHE_LEVELS)
+    assert inputs["step_cache"].default == STEP_CACHE_OFF  # opt-in: public calls keep their meaning
     for side in ("width", "height"):
         assert (inputs[side].ge, inputs[side].le) == (MIN_SIDE, MAX_SIDE)
     assert inputs["num_outputs"].le == MAX_OUTPUTS

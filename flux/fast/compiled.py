@@ -12,12 +12,15 @@ fullgraph=True the request fails. Here:
 - `dynamic=True` from the first compile: batch, image tokens and text tokens are symbols. Dynamo still
   specializes size 1, so batch 1 and batch >= 2 are two graphs per block class: four in all, shared by
   both variants (same classes, weights are graph inputs) and every size.
+- arguments enter by name (`by_name`): diffusers passes them by keyword, cache-dit's cached blocks
+  (step_cache) pass the first two by position, and Dynamo would make a graph per calling style.
 - the recompile limit is raised anyway (`raise_recompile_limit`): headroom for what a future torch may
   specialize, so a request never falls back to eager or fails on it.
 """
 
+import inspect
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 
 import torch
 
@@ -61,13 +64,25 @@ def _region(block: torch.nn.Module, *args, **kwargs):
     return dense(block._call_impl(*args, **kwargs))
 
 
+@cache
+def _parameter_names(block_class: type) -> tuple[str, ...]:
+    return tuple(inspect.signature(block_class.forward).parameters)[1:]  # without self
+
+
+def by_name(block: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The call's arguments all by keyword, so one graph serves callers that pass them either way."""
+    if not args:
+        return kwargs
+    return {**dict(zip(_parameter_names(type(block)), args, strict=False)), **kwargs}
+
+
 def compile_region(**options) -> Callable[..., object]:
     """A `call(block, *args, **kwargs)` that runs `block` through the compiled region with dense inputs."""
     raise_recompile_limit()
     compiled = torch.compile(_region, **{**DEFAULT_OPTIONS, **options})
 
     def call(block: torch.nn.Module, *args, **kwargs):
-        return compiled(block, *dense(args), **dense(kwargs))
+        return compiled(block, **dense(by_name(block, args, kwargs)))
 
     return call
 

@@ -94,6 +94,34 @@ def accuracy(
     return Accuracy(float(color), float(shape), len(prompts)), scores
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two 8-bit images, in dB (inf when identical)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+class BlockCounter:
+    """Counts a transformer's block forwards with a pre-hook on every block: on the eager path (go_fast's
+    compiled blocks are counted by their compile backend instead, tests/test_step_cache.py)."""
+
+    def __init__(self, transformer):
+        self.count = 0
+        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+        self.handles = [block.register_forward_pre_hook(self._hit) for block in blocks]
+
+    def _hit(self, module, args) -> None:
+        self.count += 1
+
+    def take(self) -> int:
+        """The forwards since the last take()."""
+        count, self.count = self.count, 0
+        return count
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def source_image(attrs: Attributes) -> Image.Image:
     return render(attrs)
 
