@@ -7,7 +7,8 @@ Full size (default): the FLUX.1 architecture with random weights, built directly
 schnell 4 steps and dev 28 steps at 1024x1024, go_fast false/true; go_fast setup (fp8 copies + regional
 compile + warm-up); dev with a rank-16 LoRA on every block Linear; LoRA switch time (fuse + fp8
 refresh); one transformer forward per path; the quality guard (fast vs bf16 eager transformer output,
-relative error per step). It first runs ../shared/bench/diffusers_baseline.py in a subprocess (same
+relative error per step); step caching at each level and setup with a saved compile cache (gpu_caching.py).
+It first runs ../shared/bench/diffusers_baseline.py in a subprocess (same
 GPU, before the project's models take memory), then prints a table of ratios and writes
 DIR/gpu_speed.json (DIR/baseline.json from the baseline).
 
@@ -43,6 +44,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gpu_caching import compile_cache_section, step_cache_section  # noqa: E402
+from gpu_caching import table_rows as caching_rows  # noqa: E402
 from gpu_train import table_rows as train_rows  # noqa: E402
 from gpu_train import train_section  # noqa: E402
 
@@ -581,6 +584,7 @@ def table(results: dict) -> str:
         ),
         ("LoRA switch (fuse + fp8 refresh)", results.get("lora_switch_total_s"), None, "<= 1.5 s"),
         ("go_fast setup (fp8 + compile + warm-up)", results.get("go_fast_setup_s"), None, "recorded"),
+        *caching_rows(results),
         *train_rows(results),
     ]
     lines = [f"{'what':42} {'project s':>10} {'reference s':>12} {'ratio':>7}  target"]
@@ -674,6 +678,11 @@ def main() -> None:
             bench.attempt("quality guard + transformer step", quality_and_step, bench, models)
         if models.fast is not None and bench.section("LoRA", 5 if args.tiny else 60):
             bench.attempt("LoRA", lora_section, bench, models)
+        if models.fast is not None and bench.section("step cache", 10 if args.tiny else 45):
+            bench.attempt("step cache", step_cache_section, bench, models)
+        # Two fresh processes compiling a shallow full-width transformer; the CPU's check is tests/test_compile_cache.py.
+        if bench.device.type == "cuda" and bench.section("compile cache", 150):
+            bench.attempt("compile cache", compile_cache_section, bench)
         if bench.device.type == "cuda":
             bench.results["gpu_peak_mem_GB"] = torch.cuda.max_memory_allocated() / 2**30
         # after the peak above: this section resets the peak counters

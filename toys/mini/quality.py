@@ -97,7 +97,7 @@ def accuracy(
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio of two 8-bit images, in dB (inf when identical)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 class BlockCounter:
