@@ -184,3 +184,15 @@ def test_an_unknown_level_is_refused_naming_the_input(value):
     with pytest.raises(UserInputError, match="step_cache") as error:
         build_request(prompt="x", step_cache=value)
     assert ", ".join(STEP_CACHE_LEVELS) in str(error.value)
+
+
+def test_a_request_that_fails_mid_way_still_takes_the_cache_off(models):
+    from flux.fast.step_cache import step_caching
+
+    transformer = models.transformers["dev"]
+    before = dict(vars(transformer))
+    with pytest.raises(RuntimeError, match="cancelled"):
+        with step_caching(transformer, "medium", 28):
+            assert getattr(transformer, "_is_cached", False)  # cache-dit is on inside
+            raise RuntimeError("cancelled")
+    assert dict(vars(transformer)) == before

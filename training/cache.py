@@ -8,6 +8,7 @@ with large datasets, at the cost of a small read per step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from flux.loading import FluxModels
 from training.buckets import Sample, fit_to_bucket
+from training.processes import SINGLE, Processes
 from training.recipe import encode_latents, image_to_pixels
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,15 @@ class TensorStore:
             return self._memory[key]
         return load_file(str(self.folder / f"{key}.safetensors"))
 
+    def in_memory(self) -> TensorStore:
+        """Every group of a folder read into a store in memory (a folder written by several processes)."""
+        if self.folder is None:
+            return self
+        loaded = TensorStore(None)
+        for file in sorted(self.folder.glob("*.safetensors")):
+            loaded._memory[file.name.removesuffix(".safetensors")] = load_file(str(file))
+        return loaded
+
 
 @dataclass
 class TrainingCache:
@@ -56,6 +67,9 @@ class TrainingCache:
     # (differential output preservation, training.recipe.preservation_loss); None when not used.
     preserved_captions_of_sample: list[list[int]] | None = None
 
+    def in_memory(self) -> TrainingCache:
+        return dataclasses.replace(self, latents=self.latents.in_memory(), texts=self.texts.in_memory())
+
 
 def build_cache(
     models: FluxModels,
@@ -66,17 +80,22 @@ def build_cache(
     folder: Path | None,
     preserved_captions: list[list[str]] | None = None,
     dropout_caption: str = "",
+    processes: Processes = SINGLE,
 ) -> TrainingCache:
     """Encode every sample's image at its bucket size and every distinct caption (plus the one a
-    dropped caption becomes and, given a list per image, the captions the preservation loss reads)."""
+    dropped caption becomes and, given a list per image, the captions the preservation loss reads).
+
+    processes: with several, each encodes its share (every N-th encoder batch) into `folder`, which
+    they share, and waits for the others: the cache then reads what all of them wrote."""
+    if processes.several and folder is None:
+        raise ValueError("several training processes share their cache through a folder")
     latents = TensorStore(None if folder is None else folder / "latents")
     texts = TensorStore(None if folder is None else folder / "text")
     # In batches (latents: consecutive samples of one bucket size, ENCODE_PIXELS at most, so FLUX.1's
     # VAE at 1024x1024 goes two at a time): one at a time, the encoders' kernel launches made caching
     # flux-mini's 8,000 images take over a minute on a GPU.
-    for numbers in _runs(
-        samples, lambda s: (s.width, s.height), lambda s: ENCODE_PIXELS // (s.width * s.height)
-    ):
+    runs = _runs(samples, lambda s: (s.width, s.height), lambda s: ENCODE_PIXELS // (s.width * s.height))
+    for numbers in _share(runs, processes):
         pixels = [
             image_to_pixels(fit_to_bucket(images[samples[n].index], samples[n].width, samples[n].height))
             for n in numbers
@@ -90,7 +109,7 @@ def build_cache(
     number_of = {text: i for i, text in enumerate(distinct)}
     pipe = _text_pipeline(models)
     with torch.no_grad():
-        for numbers in _runs(distinct, lambda _: 0, lambda _: ENCODE_BATCH):
+        for numbers in _share(_runs(distinct, lambda _: 0, lambda _: ENCODE_BATCH), processes):
             batch = [distinct[n] for n in numbers]
             prompt, pooled, _ = pipe.encode_prompt(
                 prompt=batch, prompt_2=batch, device=models.device, max_sequence_length=max_sequence_length
@@ -98,6 +117,7 @@ def build_cache(
             for i, number in enumerate(numbers):
                 texts.put(str(number), {"prompt": prompt[i].float(), "pooled": pooled[i].float()})
     log.info("cached %d text embeddings (T5 length %d)", len(distinct), max_sequence_length)
+    processes.barrier()  # every share written before anyone reads
     return TrainingCache(
         latents=latents,
         texts=texts,
@@ -111,6 +131,11 @@ def build_cache(
 
 ENCODE_BATCH = 32  # captions per text-encoder call
 ENCODE_PIXELS = 2**21  # pixels per VAE call: 32 flux-mini images of 256x256, 2 of 1024x1024
+
+
+def _share(runs: list[list[int]], processes: Processes) -> list[list[int]]:
+    """This process's runs: every N-th, starting at its rank (all of them for one process)."""
+    return runs[processes.rank :: processes.size]
 
 
 def _runs(items: list, key, most) -> list[list[int]]:

@@ -34,6 +34,7 @@ from training.export import TAR_NAME, lora_metadata, save_lora_file, write_tar, 
 from training.hub import model_card, push_to_hub
 from training.loop import EMA_DECAY, StepCallback, StepReport, lora_adapter, lora_state_dict, train_lora
 from training.previews import PreviewSettings, generate_samples, render_previews
+from training.processes import SINGLE, Processes, process_count, run_processes
 from training.recipe import select_lora_targets
 from training.tracking import WandbSettings, WandbTracker
 from training.training_state import STATE_FILE, write_state
@@ -63,25 +64,48 @@ def run_training(
     wandb: WandbSettings = DEFAULT_WANDB,
     continue_from_lora: str | None = None,
     lora_cache: LoraCache | None = None,
-) -> Path:
+    processes: Processes = SINGLE,
+    shared_folder: Path | None = None,
+) -> Path | None:
     """Train a LoRA on FLUX.1 dev from the user's zip; return the weights tar in output_dir.
 
-    models: already loaded models to reuse (tests, notebooks); None loads dev and frees it after.
+    models: already loaded models to reuse (tests, notebooks); None loads dev and frees it after, and
+    on a machine with several GPUs (or FLUX_TRAIN_PROCESSES) trains on one process per GPU.
     wandb_api_key: log the run to Weights & Biases with the `wandb` settings (samples use `previews`').
     continue_from_lora: start from this LoRA (any reference lora_weights takes; fetched through
     `lora_cache`, the default cache when None) instead of a fresh one.
+    processes, shared_folder: set by the process launcher for each of several processes (the folder
+    their latent cache is shared in); only the main process writes outputs and returns the tar.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if models is None and not processes.several and (count := process_count()) > 1:
+        return _train_on_processes(
+            count,
+            dict(
+                config=config,
+                zip_path=zip_path,
+                output_dir=output_dir,
+                hf_token=hf_token,
+                previews=previews,
+                log_every=log_every,
+                wandb_api_key=wandb_api_key,
+                wandb=wandb,
+                continue_from_lora=continue_from_lora,
+                lora_cache=lora_cache,
+            ),
+        )
     own_models = models is None
     remove_abandoned(TRAINING_WORK_PREFIX)  # left by trainings that were killed (no `finally` ran)
-    workspace = OwnedFolder(TRAINING_WORK_PREFIX)
-    work = workspace.path
+    # Several processes work in the folder the launcher owns: it goes however they end (killed included).
+    workspace = None if processes.several else OwnedFolder(TRAINING_WORK_PREFIX)
+    work = workspace.path if workspace else Path(shared_folder) / f"rank-{processes.rank}"
+    work.mkdir(exist_ok=True)
     encoders_moved = False
     tracker = None
     try:
-        if models is None:
-            models = load_flux(("dev",), fast=False)  # training never uses the fp8/compiled path
+        if models is None:  # training never uses the fp8/compiled path
+            models = load_flux(("dev",), device=processes.device(), fast=False)
         variant = get_variant(config.base_model)
         transformer = models.transformer_for(variant)
         targets = select_lora_targets(transformer, config.layers_to_optimize_regex)
@@ -120,7 +144,7 @@ def run_training(
             [e.caption for e in examples],
             samples,
             variant.max_sequence_length,
-            work / "cache" if config.cache_latents_to_disk else None,
+            _cache_folder(config, work, processes, shared_folder),
             preserved_captions=[
                 [
                     replace_trigger(e.caption, config.trigger_word, word)
@@ -131,13 +155,16 @@ def run_training(
             if config.preservation_classes
             else None,
             dropout_caption=config.trigger_word,
+            processes=processes,
         )
+        if processes.several and not config.cache_latents_to_disk:
+            cache = cache.in_memory()  # shared through a folder, read from memory as with one process
         del examples  # the decoded images are in the cache now
         move_encoders(models, "cpu")
         encoders_moved = True
 
         staging = work / "trained_model"
-        if wandb_api_key:
+        if wandb_api_key and processes.main:
             tracker = WandbTracker(wandb_api_key, wandb, config.to_json(), work)
         with lora_adapter(
             transformer, config.lora_rank, targets, config.seed, start=start.lora if start else None
@@ -153,7 +180,10 @@ def run_training(
                 on_step=_tracking_steps(tracker, models, transformer, config, previews) if tracker else None,
                 resume=resume,
                 keep_state=config.save_training_state,
+                processes=processes,
             )
+            if not processes.main:
+                return None  # the main process writes the outputs
             if tracker is not None:
                 tracker.finish()  # before the work folder (the run's files) goes
             move_encoders(models, models.device)
@@ -173,6 +203,9 @@ def run_training(
                 "first_loss": result.losses[0] if result.losses else None,
                 "final_loss": result.losses[-1] if result.losses else None,
                 "seconds": round(result.seconds, 1),
+                "processes": processes.size,
+                "global_batch": config.batch_size * processes.size,
+                "optimizer_steps": len(result.losses),
             },
         }
         write_training_folder(
@@ -181,7 +214,7 @@ def run_training(
             metadata=lora_metadata(
                 config,
                 result.target_modules,
-                len(result.losses),
+                len(result.losses) * processes.size,  # in one-process steps, as `steps` counts them
                 rank_pattern=start.rank_pattern if start else None,
                 continued_from=(start.source, start.earlier_steps) if start else None,
             ),
@@ -210,12 +243,41 @@ def run_training(
             tracker.finish()
         if encoders_moved and models is not None:
             move_encoders(models, models.device)
-        workspace.release()
+        if workspace is not None:
+            workspace.release()
         if own_models:
             del models
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _cache_folder(
+    config: TrainingConfig, work: Path, processes: Processes, shared_folder: Path | None
+) -> Path | None:
+    """Where the latent cache lives: in memory (None) unless asked for on disk; with several processes
+    in the folder they share (each writes its share there; read back into memory unless on disk)."""
+    if processes.several:
+        return Path(shared_folder) / "cache"
+    return work / "cache" if config.cache_latents_to_disk else None
+
+
+def _train_on_processes(count: int, arguments: dict) -> Path:
+    """run_training on `count` new processes (one per GPU); the main one writes the tar."""
+    shared = OwnedFolder(TRAINING_WORK_PREFIX)
+    try:
+        run_processes(count, _process_training, shared_folder=shared.path, **arguments)
+    finally:
+        shared.release()
+    tar_path = Path(arguments["output_dir"]) / TAR_NAME
+    if not tar_path.is_file():
+        raise RuntimeError(f"the training processes finished without writing {tar_path}")
+    return tar_path
+
+
+def _process_training(processes: Processes, **arguments) -> None:
+    """What each training process runs (importable by name: the processes are spawned)."""
+    run_training(processes=processes, **arguments)
 
 
 def _tracking_steps(

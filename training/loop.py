@@ -33,6 +33,7 @@ from training.memory import activation_scale, needs_checkpointing, step_memory_g
 from training.optimizer_trial import checked_optimizer
 from training.optimizers import build_optimizer
 from training.precision import forward_precision, keep_lora_inputs_in_base_dtype
+from training.processes import SINGLE, Processes
 from training.recipe import (
     TRAINING_GUIDANCE,
     flow_matching_loss,
@@ -147,10 +148,13 @@ def train_lora(
     on_step: StepCallback | None = None,
     resume: LoopState | None = None,
     keep_state: bool = False,
+    processes: Processes = SINGLE,
 ) -> TrainingResult:
     """Run config.steps optimizer steps on a transformer that already carries the adapter; the
     adapter then holds the EMA of its weights, which is also what lora_state is. resume: go on from
-    an earlier training's state (training.training_state); keep_state: return this one's."""
+    an earlier training's state (training.training_state); keep_state: return this one's.
+    processes: with several (training.processes), config.steps counts one-process steps: each runs
+    its share of ceil(steps / N) optimizer steps of N x batch_size samples."""
     params = lora_parameters(transformer)
     if not params:
         raise RuntimeError("the transformer carries no LoRA parameters; use lora_adapter() first")
@@ -169,6 +173,7 @@ def train_lora(
         names=lora_parameter_names(transformer),
         resume=resume,
         keep_state=keep_state,
+        processes=processes,
     )
     return TrainingResult(
         lora_state=lora_state_dict(transformer),
@@ -209,6 +214,7 @@ def train_parameters(
     names: list[str] | None = None,
     resume: LoopState | None = None,
     keep_state: bool = False,
+    processes: Processes = SINGLE,
 ) -> LoopResult:
     """The flow-matching loop itself, for whichever parameters are given: a LoRA's (train_lora) or
     every transformer weight (flux-mini's full-parameter training). lr_schedule(step) multiplies
@@ -217,7 +223,11 @@ def train_parameters(
     the highest noise, where only the text says what to draw (toys.mini.transformer_training).
     ema_decay: keep an EMA of params and leave it in them at the end (None: the last step's weights).
     names: the params' names, for resume and keep_state (training.training_state): resume runs
-    steps resume.step + 1 .. resume.step + config.steps exactly as one longer training would."""
+    steps resume.step + 1 .. resume.step + config.steps exactly as one longer training would.
+    processes: several split each global batch (batch_size per process); every process draws the
+    whole batch's samples, noise and timesteps from the same generators and keeps its rows, so N
+    processes compute what one process with N x batch_size would, and DistributedDataParallel
+    averages the gradients."""
     configure_attention_backends()  # before the first backward: cuDNN attention faults there
     device = next(transformer.parameters()).device
     checkpointing = _use_checkpointing(config, device, samples, transformer)
@@ -232,7 +242,10 @@ def train_parameters(
     ema = _ExponentialAverage(params, ema_decay) if ema_decay is not None else None
     guidance = TRAINING_GUIDANCE if transformer.config.guidance_embeds else None
     generator = torch.Generator("cpu").manual_seed(config.seed)  # CPU draws: same noise on every device
-    batches = _batches(samples, config.batch_size, random.Random(config.seed))
+    model = _data_parallel(transformer, processes, device)  # the forward that syncs the gradients
+    global_batch = config.batch_size * processes.size
+    steps = math.ceil(config.steps / processes.size)  # config.steps counts one-process steps
+    batches = _batches(samples, global_batch, random.Random(config.seed))
     first = 1
     if resume is not None:
         _restore(resume, params, names or [], optimizer, ema, generator)
@@ -240,17 +253,26 @@ def train_parameters(
             next(batches)
         first = resume.step + 1
         log.info("continuing exactly from step %d", resume.step)
-    last = first + config.steps - 1
-    log_every = log_every or max(1, min(25, config.steps // 20))
+    last = first + steps - 1
+    log_every = log_every or max(1, min(25, steps // 20))
     log.info(
         "training %s (%.2fM parameters) for %d steps, batch %d, optimizer %s, lr %g",
         what,
         sum(p.numel() for p in params) / 1e6,
-        config.steps,
-        config.batch_size,
+        steps,
+        global_batch,
         optimizer_used,
         config.learning_rate,
     )
+    if processes.several:
+        log.info(
+            "%d processes: global batch %d (%d per process), %d optimizer steps for steps=%d",
+            processes.size,
+            global_batch,
+            config.batch_size,
+            steps,
+            config.steps,
+        )
 
     losses: list[float] = []
     smoothed = 0.0
@@ -269,20 +291,21 @@ def train_parameters(
             noise = torch.randn(latents.shape, generator=generator)
             seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
             t = timesteps(len(batch), seq_len, scheduler_config, generator)
+            rows = _rows(processes, len(batch), config.batch_size)
+            latents, noise, t, prompts, pooled = _take(rows, latents, noise, t, prompts, pooled)
             with forward_precision(transformer):  # bf16 math on a bf16 base; see training/precision.py
                 loss = flow_matching_loss(
-                    transformer, latents.to(device), noise.to(device), t, prompts, pooled, guidance
+                    model, latents.to(device), noise.to(device), t, prompts, pooled, guidance
                 )
-            value = loss_value(loss, step)
+            value = processes.average(loss_value(loss, step))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cache.preserved_captions_of_sample is not None:
                 # Its own forward and backward after the first's: one graph alive at a time.
                 kept_prompts, kept_pooled = _load_texts(_class_captions(batch, cache, generator), cache)
+                kept_prompts, kept_pooled = _take(rows, kept_prompts, kept_pooled)
                 with forward_precision(transformer):
-                    kept = preservation_loss(
-                        transformer, latents, noise, t, kept_prompts, kept_pooled, guidance
-                    )
+                    kept = preservation_loss(model, latents, noise, t, kept_prompts, kept_pooled, guidance)
                 loss_value(kept, step)  # a non-finite term stops the run before it reaches the weights
                 (config.diff_output_preservation_multiplier * kept).backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -324,9 +347,7 @@ def train_parameters(
             transformer.disable_gradient_checkpointing()
         optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
-    log.info(
-        "trained %d steps in %s (%.2f steps/s)", config.steps, _duration(seconds), config.steps / seconds
-    )
+    log.info("trained %d steps in %s (%.2f steps/s)", steps, _duration(seconds), steps / seconds)
     return LoopResult(
         losses=losses,
         optimizer=optimizer_used,
@@ -409,6 +430,31 @@ def loss_value(loss: torch.Tensor, step: int) -> float:
     if not math.isfinite(value):
         raise RuntimeError(f"the loss became {value} at step {step}; lower learning_rate")
     return value
+
+
+def _data_parallel(
+    transformer: torch.nn.Module, processes: Processes, device: torch.device
+) -> torch.nn.Module:
+    """What the loop calls forward on: the transformer itself, or with several processes its
+    DistributedDataParallel wrapper, whose backward averages the LoRA gradients over the processes."""
+    if not processes.several:
+        return transformer
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(transformer, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _rows(processes: Processes, length: int, per_process: int) -> list[int] | None:
+    """This process's rows of a global batch of `length` (None: all of them, one process). A bucket's
+    remainder shorter than the global batch is filled from its own start, so every process has
+    `per_process` rows (DistributedDataParallel averages equal shares)."""
+    if not processes.several:
+        return None
+    return [(processes.rank * per_process + i) % length for i in range(per_process)]
+
+
+def _take(rows: list[int] | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tensors if rows is None else tuple(tensor[rows] for tensor in tensors)
 
 
 def _batches(samples: list[Sample], batch_size: int, rng: random.Random) -> Iterator[list[int]]:

@@ -207,7 +207,9 @@ def preservation_loss(
 
 @contextmanager
 def adapters_disabled(transformer: torch.nn.Module) -> Iterator[None]:
-    """The base model's forward, on a transformer carrying a LoRA (peft's adapters bypassed)."""
+    """The base model's forward, on a transformer carrying a LoRA (peft's adapters bypassed); also
+    through a DistributedDataParallel wrapper (its `module` is the transformer)."""
+    transformer = getattr(transformer, "module", transformer)
     transformer.disable_adapters()
     try:
         yield
