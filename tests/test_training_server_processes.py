@@ -13,6 +13,7 @@ import time
 
 import pytest
 from test_training_cancel import WebhookReceiver, http
+from test_training_processes import gone
 
 from tests.training_helpers import make_zip
 
@@ -51,14 +52,6 @@ def ready(url: str) -> bool:
         if get_json(f"{url}/health-check")["status"] == "READY":
             return True
         time.sleep(0.2)
-    return False
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
     return False
 
 
