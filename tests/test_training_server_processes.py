@@ -6,7 +6,6 @@ stays READY and the next training succeeds."""
 import base64
 import io
 import json
-import os
 import re
 import tarfile
 import time
