@@ -80,7 +80,6 @@ def test_a_request_without_caching_after_one_with_it_gives_the_uncached_bytes(mo
 
 
 def test_the_cache_follows_the_request_steps_img2img_inpainting_and_batches(models, counter, tmp_path):
-    draw(models, "medium", num_inference_steps=12)
     report_steps = draw(models, "medium", num_inference_steps=12).step_cache
     counter.take()
     result = draw(models, "medium", num_inference_steps=12)
@@ -137,6 +136,7 @@ def test_a_lora_switch_never_reuses_a_cache_built_under_other_weights(models, tm
     assert b_after_a == b_alone
 
 
+@pytest.mark.slow  # ~30 s of compiling: `./run.sh test -m slow`
 def test_cached_steps_run_go_fasts_compiled_blocks_and_compile_nothing_new(models, monkeypatch):
     """go_fast set up for real on the CPU (fp8 copies, blocks compiled with aot_eager, counted): a cached
     request runs its computed blocks through the compiled graphs, skips the rest, adds no graph, and the

@@ -104,6 +104,7 @@ class Cancelled(BaseException):
     """What Cog raises in the worker on a cancel (its CancelationException is a BaseException)."""
 
 
+@pytest.mark.slow  # ~10 s: `./run.sh test -m slow`
 def test_a_cancel_while_waiting_ends_every_process(tmp_path):
     def cancel(*_):
         raise Cancelled()

@@ -16,7 +16,7 @@ from test_training_processes import gone
 
 from tests.training_helpers import make_zip
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]  # ~80 s: `./run.sh test -m slow`
 
 
 @pytest.fixture(scope="module")
