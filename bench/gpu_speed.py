@@ -7,7 +7,8 @@ Full size (default): the FLUX.1 architecture with random weights, built directly
 schnell 4 steps and dev 28 steps at 1024x1024, go_fast false/true; go_fast setup (fp8 copies + regional
 compile + warm-up); dev with a rank-16 LoRA on every block Linear; LoRA switch time (fuse + fp8
 refresh); one transformer forward per path; the quality guard (fast vs bf16 eager transformer output,
-relative error per step); step caching at each level and setup with a saved compile cache (gpu_caching.py).
+relative error per step); step caching at each level and setup with a saved compile cache (gpu_caching.py);
+on a machine with several GPUs, training on all of them (gpu_train_processes.py).
 It first runs ../shared/bench/diffusers_baseline.py in a subprocess (same
 GPU, before the project's models take memory), then prints a table of ratios and writes
 DIR/gpu_speed.json (DIR/baseline.json from the baseline).
@@ -48,6 +49,8 @@ from gpu_caching import compile_cache_section, step_cache_section  # noqa: E402
 from gpu_caching import table_rows as caching_rows  # noqa: E402
 from gpu_train import table_rows as train_rows  # noqa: E402
 from gpu_train import train_section  # noqa: E402
+from gpu_train_processes import multi_gpu_section  # noqa: E402
+from gpu_train_processes import table_rows as multi_gpu_rows  # noqa: E402
 
 from flux.attention import configure_attention_backends  # noqa: E402
 
@@ -586,6 +589,7 @@ def table(results: dict) -> str:
         ("go_fast setup (fp8 + compile + warm-up)", results.get("go_fast_setup_s"), None, "recorded"),
         *caching_rows(results),
         *train_rows(results),
+        *multi_gpu_rows(results),
     ]
     lines = [f"{'what':42} {'project s':>10} {'reference s':>12} {'ratio':>7}  target"]
     for name, ours, ref, target in rows:
@@ -690,6 +694,10 @@ def main() -> None:
             bench.attempt("allocator", allocator_section, bench, models)
         if not args.no_train and bench.section("training", 10 if args.tiny else 120):
             bench.attempt("training", train_section, bench, models, FULL["transformer"])
+        # One process per GPU where the machine has several (--tiny: two gloo processes on the CPU).
+        several = args.tiny or torch.cuda.device_count() > 1
+        if several and not args.no_train and bench.section("multi-GPU training", 20 if args.tiny else 150):
+            bench.attempt("multi-GPU training", multi_gpu_section, bench, FULL["transformer"])
     finally:
         bench.save()
         print(table(bench.results), flush=True)
