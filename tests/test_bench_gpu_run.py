@@ -65,6 +65,10 @@ def test_every_section_reports_and_the_table_comes_last(tmp_path):
         assert case["step_s"] > 0 and len(case["loss"]) == case["steps"], key
         assert case["checkpointing_used"] is key.endswith("gc1")
         assert case["optimizer_used"] == "adamw"  # adamw8bit needs CUDA: the logged fallback
+    for rows in results["step_cache"].values():  # every level, dev and schnell, against uncached
+        assert set(rows) == {"off", "light", "medium", "strong"} and rows["medium"]["psnr_vs_uncached_db"] > 20
+    multi = results["train_multi_gpu"]  # --tiny: two gloo processes stand in for two GPUs
+    assert multi["processes"] == 2 and multi["optimizer_steps"] > 0 and multi["step_s"] > 0
     assert results["recompiles"] == 0
     assert not results["cudnn_sdp_enabled"]  # the attention backends production runs
     table = stdout[stdout.index("what ") :]
