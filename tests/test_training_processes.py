@@ -40,9 +40,9 @@ def train(processes: Processes, batch_size: int, steps: int) -> dict[str, torch.
     transformer = build_transformer(guidance_embeds=True, seed=0).requires_grad_(False)
     config = build_training_config(steps=steps, batch_size=batch_size, lora_rank=2, seed=5, optimizer="adamw")
     with lora_adapter(transformer, 2, block_linear_names(transformer), seed=5):
-        result = train_lora(
-            transformer, synthetic_cache(SAMPLES), SAMPLES, config, SCHEDULERS["dev"], processes=processes
-        )
+        # With the preservation term: its second forward and backward per step run through DDP too.
+        cache = synthetic_cache(SAMPLES, preserved=True)
+        result = train_lora(transformer, cache, SAMPLES, config, SCHEDULERS["dev"], processes=processes)
     return {"losses": torch.tensor(result.losses), **result.lora_state}
 
 

@@ -125,13 +125,17 @@ def run_training(
         )
         if config.autocaption:
             # The captioner is loaded only if an image lacks a .txt, and leaves the device before training.
-            examples = autocaption_dataset(
-                examples,
-                config.trigger_word,
-                config.autocaption_prefix,
-                config.autocaption_suffix,
-                models.device,
-            )
+            # With several processes the main one captions and the others take its captions: every
+            # process must number the same captions the same way (their cache is shared).
+            if processes.main:
+                examples = autocaption_dataset(
+                    examples,
+                    config.trigger_word,
+                    config.autocaption_prefix,
+                    config.autocaption_suffix,
+                    models.device,
+                )
+            examples = processes.same_captions(examples)
         captions = [(e.source, e.caption) for e in examples]
         samples = assign_buckets(
             [e.image.size for e in examples], config.resolutions, [e.source for e in examples]

@@ -14,6 +14,7 @@ and every other process is terminated; an exception in the caller's wait (Cog's 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -64,6 +65,17 @@ class Processes:
     def barrier(self) -> None:
         if self.several:
             dist.barrier()
+
+    def same_captions(self, examples: list) -> list:
+        """The main process's captions on every process's examples (same images, same order)."""
+        if not self.several:
+            return examples
+        sent = [[(e.caption, e.caption_source) for e in examples] if self.main else None]
+        dist.broadcast_object_list(sent, src=0, device=self.device())
+        return [
+            dataclasses.replace(e, caption=caption, caption_source=source)
+            for e, (caption, source) in zip(examples, sent[0], strict=True)
+        ]
 
     def average(self, value: float) -> float:
         """The mean of a number over the processes (the logged loss of the global batch)."""
