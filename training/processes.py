@@ -133,6 +133,8 @@ def run_processes(size: int, target: Callable[..., None], **kwargs) -> None:
         _end(context)
         main_log.pump()
         rank, message = _first_failure(rendezvous) or (error.error_index, _last_line(str(error)))
+        if rank != 0:  # its traceback, which the main process's log does not have
+            _LogFollower(rendezvous / f"rank-{rank}.log").pump()
         raise TrainingProcessError(f"training process {rank} of {size} failed: {message}") from None
     except mp.ProcessExitedException as error:
         _end(context)
