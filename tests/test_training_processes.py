@@ -100,6 +100,22 @@ def test_a_failing_process_ends_the_training_within_seconds_naming_its_rank(tmp_
     assert len(pids(tmp_path)) == 2 and all(gone(pid) for pid in pids(tmp_path))
 
 
+def killed_on_rank_one(processes: Processes, folder: str) -> None:
+    Path(folder, f"{processes.rank}.pid").write_text(str(os.getpid()))
+    if processes.rank == 1:
+        time.sleep(1)
+        os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's out-of-memory killer does
+    processes.barrier()
+    time.sleep(600)
+
+
+@pytest.mark.slow  # ~10 s: `./run.sh test -m slow`
+def test_a_killed_process_ends_the_training_naming_it(tmp_path):
+    with pytest.raises(TrainingProcessError, match=r"training process 1 of 2 ended without finishing"):
+        run_processes(2, killed_on_rank_one, folder=str(tmp_path))
+    assert len(pids(tmp_path)) == 2 and all(gone(pid) for pid in pids(tmp_path))
+
+
 class Cancelled(BaseException):
     """What Cog raises in the worker on a cancel (its CancelationException is a BaseException)."""
 
