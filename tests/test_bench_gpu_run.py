@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_speed.py"
 FAKE_BASELINE = """
@@ -52,6 +54,7 @@ def run(tmp_path: Path, *args: str) -> tuple[dict, str]:
     return json.loads((tmp_path / "gpu_speed.json").read_text()), done.stdout
 
 
+@pytest.mark.slow  # the whole --tiny run, two training processes included (~70 s): `./run.sh test -m slow`
 def test_every_section_reports_and_the_table_comes_last(tmp_path):
     baseline = tmp_path / "baseline_stand_in.py"
     baseline.write_text(FAKE_BASELINE)
@@ -66,7 +69,9 @@ def test_every_section_reports_and_the_table_comes_last(tmp_path):
         assert case["checkpointing_used"] is key.endswith("gc1")
         assert case["optimizer_used"] == "adamw"  # adamw8bit needs CUDA: the logged fallback
     for rows in results["step_cache"].values():  # every level, dev and schnell, against uncached
-        assert set(rows) == {"off", "light", "medium", "strong"} and rows["medium"]["psnr_vs_uncached_db"] > 20
+        assert (
+            set(rows) == {"off", "light", "medium", "strong"} and rows["medium"]["psnr_vs_uncached_db"] > 20
+        )
     multi = results["train_multi_gpu"]  # --tiny: two gloo processes stand in for two GPUs
     assert multi["processes"] == 2 and multi["optimizer_steps"] > 0 and multi["step_s"] > 0
     assert results["recompiles"] == 0

@@ -79,6 +79,8 @@ def run_training(
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if not processes.several:
+        remove_abandoned(TRAINING_WORK_PREFIX)  # left by trainings that were killed (no `finally` ran)
     if models is None and not processes.several and (count := process_count()) > 1:
         return _train_on_processes(
             count,
@@ -96,7 +98,6 @@ def run_training(
             ),
         )
     own_models = models is None
-    remove_abandoned(TRAINING_WORK_PREFIX)  # left by trainings that were killed (no `finally` ran)
     # Several processes work in the folder the launcher owns: it goes however they end (killed included).
     workspace = None if processes.several else OwnedFolder(TRAINING_WORK_PREFIX)
     work = workspace.path if workspace else Path(shared_folder) / f"rank-{processes.rank}"
