@@ -79,6 +79,7 @@ def test_a_request_without_caching_after_one_with_it_gives_the_uncached_bytes(mo
     assert draw(models, "off").images[0].tobytes() == first
 
 
+@pytest.mark.slow  # ~13 s: `./run.sh test -m slow`
 def test_the_cache_follows_the_request_steps_img2img_inpainting_and_batches(models, counter, tmp_path):
     report_steps = draw(models, "medium", num_inference_steps=12).step_cache
     counter.take()
@@ -109,6 +110,7 @@ def test_the_cache_follows_the_request_steps_img2img_inpainting_and_batches(mode
     assert counter.take() == batch.step_cache.block_forwards  # one forward per step for the whole batch
 
 
+@pytest.mark.slow  # ~8 s: `./run.sh test -m slow`
 def test_a_lora_switch_never_reuses_a_cache_built_under_other_weights(models, tmp_path):
     from lora.apply import LoraFuser
     from tests.lora_fixtures import known_update, linear_names, save, to_peft
