@@ -22,15 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a lighthouse on a cliff at sunset, waves below, photograph"
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
 def step_cache_section(bench, models) -> None:
     from flux.fast.step_cache import LEVELS, prepare_step_cache
     from flux.generate import generate
     from flux.request import build_request
+    from toys.mini.quality import psnr
 
     prepare_step_cache()
     side = 256 if bench.args.tiny else 1024

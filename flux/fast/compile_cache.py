@@ -53,7 +53,7 @@ def load_compile_cache(file: Path | None) -> bool:
     except Exception as error:  # a damaged or foreign file must not stop setup: compile as without it
         log.warning("compile cache %s not loaded (%s): compiling from scratch", file, error)
         return False
-    count = sum(len(keys) for keys in info.artifacts.values()) if info is not None else 0
+    count = _artifact_count(info) if info is not None else 0
     log.info(
         "compile cache: %d artifacts loaded from %s in %.1f s", count, file, time.perf_counter() - started
     )
@@ -83,6 +83,11 @@ def save_compile_cache(file: Path | None) -> bool:
     except OSError as error:  # a read-only image: the next setup compiles again, nothing else changes
         log.warning("compile cache not saved to %s: %s", file, error)
         return False
-    count = sum(len(keys) for keys in info.artifacts.values())
+    count = _artifact_count(info)
     log.info("compile cache: %d artifacts (%.1f MB) saved to %s", count, len(data) / 1e6, file)
     return True
+
+
+def _artifact_count(info) -> int:
+    """How many artifacts a torch.compiler CacheInfo lists (kernels, graphs, autotuning results)."""
+    return sum(len(keys) for keys in info.artifacts.values())

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from errors import UserInputError
+from flux.fast.targets import repeated_blocks
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def step_caching(transformer: torch.nn.Module, level: str, steps: int) -> Iterat
         yield None
         return
     cache_dit = _cache_dit()
-    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    blocks = repeated_blocks(transformer)
     report = StepCacheReport(level=level, steps=steps, blocks=len(blocks))
     saved = _InstanceAttributes([transformer, *blocks])
     try:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from flux.fast.targets import repeated_blocks
 from flux.generate import generate
 from flux.loading import FluxModels
 from flux.request import build_request
@@ -106,8 +107,7 @@ class BlockCounter:
 
     def __init__(self, transformer):
         self.count = 0
-        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-        self.handles = [block.register_forward_pre_hook(self._hit) for block in blocks]
+        self.handles = [block.register_forward_pre_hook(self._hit) for block in repeated_blocks(transformer)]
 
     def _hit(self, module, args) -> None:
         self.count += 1
