@@ -51,7 +51,7 @@ class Runner(BaseRunner):
         # Fetched before the models load: a trained version whose weights are unreachable fails at once.
         self.version = fetch_version_lora(weights, cache) if weights else None
         self.models = load_flux(parse_variant_list(os.environ.get(ENV_VARIANTS, DEFAULT_VARIANTS)))
-        self.loras = LoraManager(self.models.transformers, cache)
+        self.loras = LoraManager(self.models.transformers, cache, self.models.placement)
         if self.version is not None:
             self.loras.prepare_version(self.version)
         self.safety = SafetyChecker.load(self.models.device)

@@ -53,6 +53,7 @@ from gpu_train_processes import multi_gpu_section  # noqa: E402
 from gpu_train_processes import table_rows as multi_gpu_rows  # noqa: E402
 
 from flux.attention import configure_attention_backends  # noqa: E402
+from flux.full_size import FULL  # noqa: E402
 
 BASELINE_CANDIDATES = (
     ROOT.parent / "shared" / "bench" / "diffusers_baseline.py",
@@ -60,47 +61,6 @@ BASELINE_CANDIDATES = (
     ROOT / ".gpu" / "diffusers_baseline.py",  # where a device run carries a copy (../shared does not travel)
 )
 PROMPT = "A woman in a serene garden setting, holding a yoga pose on a mat, surrounded by lush greenery, photo of TOK"
-
-FULL = dict(
-    transformer=dict(
-        patch_size=1,
-        in_channels=64,
-        num_layers=19,
-        num_single_layers=38,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        axes_dims_rope=[16, 56, 56],
-    ),
-    clip=dict(
-        vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_attention_heads=12,
-        num_hidden_layers=12,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    ),
-    t5=dict(
-        vocab_size=32128,
-        d_model=4096,
-        d_kv=64,
-        d_ff=10240,
-        num_layers=24,
-        num_heads=64,
-        feed_forward_proj="gated-gelu",
-        dense_act_fn="gelu_new",
-        is_gated_act=True,
-    ),
-    vae=dict(
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-    ),
-)
 
 
 class Bench:

@@ -120,7 +120,11 @@ def prompt_embeddings(
         )
         return prompt_embeds, pooled
 
-    return models.prompt_embeddings.get(request.prompt, variant.name, variant.max_sequence_length, encode)
+    def encode_with_t5_in() -> tuple[torch.Tensor, torch.Tensor]:
+        with models.visiting("t5"):  # moved in only on a miss, when the plan keeps it in host memory
+            return encode()
+
+    return models.prompt_embeddings.get(request.prompt, variant.name, variant.max_sequence_length, encode_with_t5_in)
 
 
 def keep_unmasked(source: Image.Image, mask: Image.Image, generated: Image.Image) -> Image.Image:

@@ -2,14 +2,19 @@
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from errors import UserInputError
+from flux.eight_bit import store_in_eight_bit
 from flux.embeddings import PromptEmbeddingCache
+from flux.fast.capability import FastSupport
 from flux.fast.path import FastPath, setup_fast
+from flux.memory_plan import MemoryPlan, choose_plan, forced_plan
+from flux.placement import Placement
 from flux.variants import VariantSpec, get_variant
 from weights.base_models import resolve_base_weights
 
@@ -33,8 +38,12 @@ class FluxModels:
     # go_fast state (fp8 copies, compiled blocks); None until setup_fast ran (generate() then runs it).
     fast: FastPath | None = None
     prompt_embeddings: PromptEmbeddingCache = field(default_factory=PromptEmbeddingCache)
+    # Where the memory plan keeps each component; None: everything on `device` (models built by hand).
+    plan: MemoryPlan | None = None
+    placement: Placement | None = None
 
     def transformer_for(self, variant: VariantSpec) -> torch.nn.Module:
+        """The variant's transformer, on the device (swapped in if the plan keeps it in host memory)."""
         if variant.name not in self.transformers:
             loaded = ", ".join(self.transformers)
             raise UserInputError(
@@ -42,7 +51,13 @@ class FluxModels:
                 variant.name,
                 f"this container loaded only: {loaded} (set FLUX_VARIANTS to load more)",
             )
+        if self.placement is not None:
+            self.placement.bring_in(variant.name)
         return self.transformers[variant.name]
+
+    def visiting(self, name: str):
+        """A context with component `name` ("t5") on the device, for its stage of the work."""
+        return self.placement.visiting(name) if self.placement is not None else nullcontext()
 
 
 def default_device() -> torch.device:
@@ -59,10 +74,13 @@ def load_flux(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     fast: bool = True,
+    training: bool = False,
+    plan: MemoryPlan | None = None,
 ):
     """Load the requested variants. T5, CLIP and the VAE are loaded once, from the first variant's folder.
 
     fast: set up go_fast (fp8 copies + compiled blocks, where the GPU supports it); training passes False.
+    plan: where each component lives (flux/memory_plan.py); None chooses from the GPU's free memory.
     """
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
@@ -70,9 +88,12 @@ def load_flux(
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     variants = [get_variant(name, "FLUX_VARIANTS") for name in variant_names]
+    plan = plan or plan_for(device, tuple(v.name for v in variants), training)
+    log.info("%s", plan.describe())
     folders = {v.name: resolve_base_weights(v.folder, v.hf_repo, v.gated) for v in variants}
     shared = folders[variants[0].name]
     started = time.perf_counter()
+    placement = Placement(device, plan.transformers_on_gpu)
 
     def load(cls, folder: Path, sub: str):
         log.info("loading %s from %s", sub, folder / sub)
@@ -80,27 +101,87 @@ def load_flux(
         model = cls.from_pretrained(
             folder / sub, torch_dtype=dtype, use_safetensors=True, local_files_only=True
         )
-        return model.to(device).eval().requires_grad_(False)
+        return model.eval().requires_grad_(False)
+
+    def place(name: str, module: torch.nn.Module, on_device: bool) -> torch.nn.Module:
+        placement.add(name, module.to(device) if on_device else module, on_device)
+        return module
 
     models = FluxModels(
         tokenizer=AutoTokenizer.from_pretrained(shared / "tokenizer", local_files_only=True),
         tokenizer_2=AutoTokenizer.from_pretrained(shared / "tokenizer_2", local_files_only=True),
-        text_encoder=load(CLIPTextModel, shared, "text_encoder"),
-        text_encoder_2=load(T5EncoderModel, shared, "text_encoder_2"),
-        vae=load(AutoencoderKL, shared, "vae"),
-        transformers={v.name: load(FluxTransformer2DModel, folders[v.name], "transformer") for v in variants},
+        text_encoder=place("clip", load(CLIPTextModel, shared, "text_encoder"), True),
+        text_encoder_2=place("t5", load(T5EncoderModel, shared, "text_encoder_2"), plan.t5_on_gpu),
+        vae=place("vae", load(AutoencoderKL, shared, "vae"), True),
+        transformers={
+            v.name: _place_transformer(
+                load(FluxTransformer2DModel, folders[v.name], "transformer"), v.name, plan, placement
+            )
+            for v in variants
+        },
         scheduler_configs={v.name: _scheduler_config(folders[v.name]) for v in variants},
         device=device,
         dtype=dtype,
         folders=folders,
+        plan=plan,
+        placement=placement,
     )
+    if plan.name != "resident":
+        models.vae.enable_slicing()  # decode a batch one image at a time: the headroom counts one
+    for name in variants[: plan.transformers_on_gpu]:
+        placement.bring_in(name.name)
     log.info(
         "loaded %s on %s (%s) in %.1f s", ", ".join(folders), device, dtype, time.perf_counter() - started
     )
     # At setup, not on the first request: compiling the blocks for go_fast takes tens of seconds.
     lengths = {v.name: v.max_sequence_length for v in variants}
-    models.fast = setup_fast(models.transformers, device, lengths, mode=None if fast else "off")
+    if plan.name == "resident":
+        models.fast = setup_fast(models.transformers, device, lengths, mode=None if fast else "off")
+    else:  # fp8 copies would not fit; what waits in host memory cannot carry compiled state either
+        models.fast = FastPath(
+            FastSupport(False, f"memory plan {plan.name}: go_fast runs the plan's standard path")
+        )
     return models
+
+
+def _place_transformer(
+    transformer: torch.nn.Module, name: str, plan: MemoryPlan, placement: Placement
+) -> torch.nn.Module:
+    """Store the block Linears in 8 bit if the plan says so, then move the transformer to the device,
+    or leave it in host memory when the plan swaps transformers (load_flux brings the first ones in)."""
+    device = placement.device
+    home = torch.device("cpu") if plan.swaps else device
+    if plan.eight_bit:
+        # Quantized on the GPU when there is one (seconds, not a minute of CPU work per transformer).
+        work = device if device.type == "cuda" else torch.device("cpu")
+        store_in_eight_bit(transformer, plan.storage, home, work)
+    if not plan.swaps:
+        transformer.to(device)
+    placement.add(name, transformer, on_device=not plan.swaps, transformer=True)
+    return transformer
+
+
+def plan_for(device: torch.device, variants: tuple[str, ...], training: bool) -> MemoryPlan:
+    """The memory plan for this device: chosen from its free memory on a GPU (FLUX_MEMORY_PLAN forces
+    one); elsewhere (the CPU, tests' meta device) there is nothing to measure and the forced or
+    `resident` plan is used."""
+    forced = forced_plan()
+    if device.type != "cuda":
+        return choose_plan(None, variants, training, forced=forced)
+    capability = torch.cuda.get_device_capability(device)
+    return choose_plan(
+        gpu_free_bytes(device), variants, training, has_fp8=capability >= (8, 9), forced=forced
+    )
+
+
+def gpu_free_bytes(device: torch.device) -> int:
+    """Free memory this process may use: the driver's free memory, or less under
+    torch.cuda.set_per_process_memory_fraction (how the GPU run emulates smaller cards)."""
+    free, total = torch.cuda.mem_get_info(device)
+    capped = int(torch.cuda.get_per_process_memory_fraction(device) * total) - torch.cuda.memory_reserved(
+        device
+    )
+    return min(free, capped)
 
 
 def _scheduler_config(folder: Path) -> dict:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from flux.eight_bit import EightBitLinear
 from lora.backups import BackupSlabs
 from lora.formats import CanonicalLora, LoraUpdate
 
@@ -86,22 +87,30 @@ class LoraFuser:
         """Back to the base weights, bit for bit."""
         self.set_loras([])
 
+    def forget_fused(self) -> None:
+        """The weights were put back to base by someone else (the memory plan swapped the transformer
+        out, and its host copy is the base): fuse again on the next request that wants a LoRA."""
+        self._modified.clear()
+        self._active = ()
+
     def _check_fits(self, chosen: list[LoraRequest]) -> None:
         for key, lora, _ in chosen:
             for name, update in lora.items():
                 module = self._linears.get(name)
                 if module is None:
                     raise ValueError(f"LoRA {key}: the transformer has no Linear named {name}")
-                if update.shape != tuple(module.weight.shape):
-                    raise ValueError(
-                        f"LoRA {key}: update of shape {update.shape} does not fit {name} "
-                        f"{tuple(module.weight.shape)}"
-                    )
+                shape = (module.out_features, module.in_features)
+                if update.shape != shape:
+                    raise ValueError(f"LoRA {key}: update of shape {update.shape} does not fit {name} {shape}")
 
     @torch.no_grad()
     def _restore(self) -> None:
         for name in sorted(self._modified):
-            self._linears[name].weight.copy_(self._originals[name])
+            module = self._linears[name]
+            if isinstance(module, EightBitLinear):
+                module.store(module.original.to(module.codes.device))  # the same codes as at load
+            else:
+                module.weight.copy_(self._originals[name])
         self._modified.clear()
 
     @torch.no_grad()
@@ -111,14 +120,26 @@ class LoraFuser:
             for name, update in lora.items():
                 per_module.setdefault(name, []).append((update, scale))
         # All first-time copies of this change in one slab per dtype, before any weight is written.
-        new = {name: self._linears[name].weight for name in per_module if name not in self._originals}
+        # 8-bit stored modules need none: their exact bf16 original is already in host memory.
+        new = {
+            name: self._linears[name].weight
+            for name in per_module
+            if name not in self._originals and not isinstance(self._linears[name], EightBitLinear)
+        }
         if new:
             self._originals.update(self.backups.keep(new))
         for name, updates in per_module.items():
-            weight = self._linears[name].weight
+            module = self._linears[name]
             self._modified.add(name)
+            eight_bit = isinstance(module, EightBitLinear)
             # Sum in float32 and round to the weight's dtype once: W0 + delta, not W0 + round(delta).
-            total = weight.to(torch.float32, copy=True)
+            if eight_bit:  # into the bf16 original, on the codes' device; rounded to bf16, stored again
+                total = module.original.to(module.codes.device, torch.float32)
+            else:
+                total = module.weight.to(torch.float32, copy=True)
             for update, scale in updates:
                 update.add_to(total, scale)
-            weight.copy_(total)
+            if eight_bit:
+                module.store(total.to(module.original.dtype))
+            else:
+                module.weight.copy_(total)

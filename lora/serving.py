@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from errors import UserInputError
+from flux.placement import Placement
 from lora.apply import LoraFuser
 from lora.formats import CanonicalLora, read_lora_file
 from weights.lora_cache import LoraCache
@@ -101,9 +102,14 @@ def version_choice(version: VersionLora, scale: float) -> LoraChoice:
 
 
 class LoraManager:
-    def __init__(self, transformers: dict[str, torch.nn.Module], cache: LoraCache):
+    def __init__(
+        self, transformers: dict[str, torch.nn.Module], cache: LoraCache, placement: Placement | None = None
+    ):
         self._transformers = transformers
         self._fusers = {name: LoraFuser(transformer) for name, transformer in transformers.items()}
+        self._placement = placement
+        if placement is not None:  # a transformer swapped out comes back as the base model
+            placement.on_evict.append(lambda variant: self._fusers[variant].forget_fused())
         self._cache = cache
         self._parsed: OrderedDict[tuple, CanonicalLora] = OrderedDict()
         self.files_read = 0  # how many times a LoRA file was parsed (tests check unchanged ones are not)
@@ -118,6 +124,8 @@ class LoraManager:
             path = fetch_lora(choice.reference, self._cache, choice.field, tokens=tokens)
             key, lora = self._read(variant, path, choice.field)
             requested.append((key, lora, choice.scale))
+        if self._placement is not None:  # fused on the device, where the request will run it
+            self._placement.bring_in(variant)
         changed = self._fusers[variant].set_loras(requested)
         if changed:
             log.info(

@@ -1,0 +1,115 @@
+"""Moving components between host memory and the GPU as the memory plan says, in one place.
+
+A component that waits in host memory keeps its tensors there as the master copy. Moving it in puts a
+device copy in each of its Parameter and buffer slots (modules hold them, so the pipelines and LoRA
+fusers that hold the modules see the move); moving it out puts the host masters back and drops the
+device copies: nothing is copied back, because what waits in host memory never changes (frozen
+encoders; a transformer's base weights, whose LoRA fuser is told to forget what it fused: `on_evict`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# (dict that owns the tensor, key): a module's _parameters or _buffers slot.
+Slot = tuple[dict, str]
+
+
+class Placement:
+    """Which components are on the device now; `visiting` and `bring_in` move them per stage."""
+
+    def __init__(self, device: torch.device, transformers_on_gpu: int):
+        self.device = device
+        self.transformers_on_gpu = transformers_on_gpu
+        self.modules: dict[str, torch.nn.Module] = {}
+        self._masters: dict[str, list[torch.Tensor]] = {}  # host copies of the components on the device
+        self._resident: set[str] = set()  # on the device for good (the plan keeps them there)
+        self._transformer_order: list[str] = []  # transformers on the device, least recently used first
+        self.on_evict: list[Callable[[str], None]] = []
+        self.moves = 0
+        self.bytes_moved = 0
+
+    def add(self, name: str, module: torch.nn.Module, on_device: bool, transformer: bool = False) -> None:
+        """Register a component, already where `on_device` says (a resident one stays there for good)."""
+        self.modules[name] = module
+        if on_device and not transformer:
+            self._resident.add(name)
+        if on_device and transformer:
+            self._transformer_order.append(name)
+
+    def on_device(self, name: str) -> bool:
+        return name in self._resident or name in self._masters or name in self._transformer_order
+
+    @contextmanager
+    def visiting(self, name: str) -> Iterator[None]:
+        """The component on the device inside (moved in and out again if it waits in host memory)."""
+        if self.on_device(name):
+            yield
+            return
+        self._move_in(name)
+        try:
+            yield
+        finally:
+            self._move_out(name)
+
+    def bring_in(self, name: str) -> None:
+        """Put a transformer on the device to stay, evicting the least recently used one if the plan
+        holds fewer than are loaded."""
+        if name in self._transformer_order:
+            self._transformer_order.remove(name)
+            self._transformer_order.append(name)
+            return
+        while len(self._transformer_order) >= self.transformers_on_gpu:
+            evicted = self._transformer_order.pop(0)
+            self._move_out(evicted)
+            for callback in self.on_evict:
+                callback(evicted)
+        self._move_in(name)
+        self._transformer_order.append(name)
+
+    @torch.no_grad()
+    def _move_in(self, name: str) -> None:
+        started = time.perf_counter()
+        masters, copies = [], {}  # copies: one device copy per host tensor, however many slots share it
+        for owner, key in _slots(self.modules[name]):
+            host = owner[key]
+            masters.append(host)
+            if id(host) not in copies:
+                # A copy even when the "device" is the host (CPU tests): fusing must never write a master.
+                data = host.detach().to(self.device, non_blocking=True, copy=True)
+                is_param = isinstance(host, torch.nn.Parameter)
+                copies[id(host)] = torch.nn.Parameter(data, host.requires_grad) if is_param else data
+            owner[key] = copies[id(host)]
+        self._masters[name] = masters
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the host masters must not change under a copy
+        moved = sum(t.numel() * t.element_size() for t in copies.values())
+        self.moves += 1
+        self.bytes_moved += moved
+        log.info("%s moved to the GPU: %.2f GB in %.2f s", name, moved / 1e9, time.perf_counter() - started)
+
+    @torch.no_grad()
+    def _move_out(self, name: str) -> None:
+        masters = self._masters.pop(name)
+        for (owner, key), host in zip(_slots(self.modules[name]), masters, strict=True):
+            owner[key] = host
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # give the freed blocks back for the next stage's component
+        log.info("%s back in host memory", name)
+
+
+def _slots(module: torch.nn.Module) -> Iterator[Slot]:
+    """Every Parameter and buffer slot of `module`, in a fixed order (a tensor two modules share,
+    like T5's tied embedding, has two slots)."""
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for key, tensor in table.items():
+                if tensor is not None:
+                    yield table, key

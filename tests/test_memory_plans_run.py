@@ -1,0 +1,196 @@
+"""Generation and LoRA switches under every memory plan, with the GPU played by `meta`.
+
+Like CUDA, meta refuses an op mixing its tensors with the host's: a component the plan keeps in host
+memory that is not moved in for its stage, or one left behind after a swap, fails these tests. The
+exactness of LoRA switches (values needed) is checked with the CPU playing the GPU.
+"""
+
+import pytest
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from lora_fixtures import known_update, save, to_peft
+from PIL import Image
+
+from flux.eight_bit import EightBitLinear, quantize_weight
+from flux.generate import generate
+from flux.loading import load_flux
+from flux.memory_plan import choose_plan
+from flux.request import build_request
+from lora.apply import LoraFuser
+from lora.formats import LoraUpdate
+from lora.serving import LoraChoice, LoraManager
+from weights.lora_cache import LoraCache
+
+META = torch.device("meta")
+CPU = torch.device("cpu")
+SMALL = dict(megapixels="0.25", aspect_ratio="1:1", num_inference_steps=2, seed=1)
+# (plan, 8-bit storage where it applies): fp8 and int8 are both run (fp8 GPUs and older ones).
+PLANS = [("resident", False), ("swap", False), ("8bit", True), ("8bit", False)]
+IDS = ["resident", "swap", "8bit-fp8", "8bit-int8"]
+
+
+def plan(name: str, fp8: bool, variants=("dev", "schnell")):
+    return choose_plan(None, variants, has_fp8=fp8, forced=name)
+
+
+def devices(module: torch.nn.Module) -> set[torch.device]:
+    return {t.device for t in [*module.parameters(), *module.buffers()]}
+
+
+@pytest.fixture(scope="module", params=PLANS, ids=IDS)
+def meta_models(request, offline_tiny_environment):
+    name, fp8 = request.param
+    return load_flux(("dev", "schnell"), device=META, dtype=torch.bfloat16, fast=False, plan=plan(name, fp8))
+
+
+@pytest.fixture()
+def decoded(monkeypatch):
+    """Only tensor -> PIL (which needs values) is replaced; the VAE decode itself runs on meta."""
+    seen: list[torch.Tensor] = []
+
+    def postprocess(self, image, output_type="pil", do_denormalize=None):
+        seen.append(image)
+        return [Image.new("RGB", (image.shape[-1], image.shape[-2])) for _ in range(image.shape[0])]
+
+    monkeypatch.setattr(VaeImageProcessor, "postprocess", postprocess)
+    return seen
+
+
+@pytest.fixture()
+def t5_devices(meta_models):
+    """The device T5's weights were on each time it ran."""
+    seen: list[set[torch.device]] = []
+    hook = meta_models.text_encoder_2.register_forward_hook(lambda m, a, o: seen.append(devices(m)))
+    yield seen
+    hook.remove()
+
+
+def test_setup_places_each_component_as_the_plan_says(meta_models):
+    plan = meta_models.plan
+    assert devices(meta_models.vae) == devices(meta_models.text_encoder) == {META}
+    assert devices(meta_models.text_encoder_2) == ({META} if plan.t5_on_gpu else {CPU})
+    assert devices(meta_models.transformers["dev"]) == {META}  # the first variant is on the GPU
+    assert devices(meta_models.transformers["schnell"]) == ({META} if plan.name == "resident" else {CPU})
+    eight_bit = [m for m in meta_models.transformers["dev"].modules() if isinstance(m, EightBitLinear)]
+    assert bool(eight_bit) == plan.eight_bit
+    for module in eight_bit:
+        assert module.codes.dtype == (torch.float8_e4m3fn if plan.storage == "fp8" else torch.int8)
+        assert module.original.device == CPU and module.original.dtype == torch.bfloat16
+
+
+def test_txt2img_alternating_variants_runs_on_one_device(meta_models, decoded, t5_devices):
+    """dev, schnell, dev, with new prompts: each swap leaves one transformer on the device under
+    swap and 8bit, and T5 is moved in for each new prompt and out again under 8bit."""
+    plan = meta_models.plan
+    for number, model in enumerate(["dev", "schnell", "dev"]):
+        result = generate(meta_models, build_request(prompt=f"a red circle {number}", model=model, **SMALL))
+        assert (result.width, result.height) == (512, 512)
+        other = "schnell" if model == "dev" else "dev"
+        assert devices(meta_models.transformers[model]) == {META}
+        assert devices(meta_models.transformers[other]) == ({META} if plan.name == "resident" else {CPU})
+    assert t5_devices == [{META}] * 3  # T5 always ran on the device
+    assert devices(meta_models.text_encoder_2) == ({META} if plan.t5_on_gpu else {CPU})
+    assert [tuple(image.shape) for image in decoded] == [(1, 3, 512, 512)] * 3
+    moves = meta_models.placement.moves
+    generate(meta_models, build_request(prompt="a red circle 2", model="dev", **SMALL))
+    assert meta_models.placement.moves == moves  # same prompt, same variant: nothing moves
+
+
+def test_img2img_and_inpainting_run_on_one_device(meta_models, decoded, tmp_path):
+    source, mask = tmp_path / "source.png", tmp_path / "mask.png"
+    Image.new("RGB", (320, 256), (200, 40, 40)).save(source)
+    Image.new("L", (320, 256), 255).save(mask)
+    generate(meta_models, build_request(prompt="a blue square", model="schnell", image=source, **SMALL))
+    generate(
+        meta_models,
+        build_request(
+            prompt="a blue square", model="dev", image=source, mask=mask, prompt_strength=0.5, **SMALL
+        ),
+    )
+    assert [tuple(image.shape) for image in decoded] == [(1, 3, 256, 320)] * 2
+
+
+def test_lora_switches_across_swaps_run_on_one_device(meta_models, decoded):
+    """A LoRA fused into dev, a request on schnell (dev swapped out: its fuser forgets), dev again
+    with the LoRA (fused again, on the device) and without."""
+    transformers, placement = meta_models.transformers, meta_models.placement
+    fusers = {name: LoraFuser(t, backup_device=META) for name, t in transformers.items()}
+    placement.on_evict.append(lambda name: fusers[name].forget_fused())
+    name = "single_transformer_blocks.0.proj_out"
+    module = transformers["dev"].get_submodule(name)
+    lora = {
+        name: LoraUpdate(
+            down=torch.randn(4, module.in_features), up=torch.randn(module.out_features, 4), alpha=4.0
+        )
+    }
+    changed = []
+    try:
+        for model, loras in [
+            ("dev", [("a", lora, 1.0)]),
+            ("schnell", []),
+            ("dev", [("a", lora, 1.0)]),
+            ("dev", []),
+        ]:
+            meta_models.transformer_for(build_request(prompt="x", model=model, **SMALL).variant)
+            changed.append(fusers[model].set_loras(loras))
+            generate(meta_models, build_request(prompt="TOK", model=model, **SMALL))
+    finally:
+        placement.on_evict.pop()
+    # Swapped out in between (swap, 8bit): dev comes back as the base and the LoRA is fused again.
+    assert changed == [True, False, meta_models.plan.swaps, True]
+    assert devices(transformers["dev"]) == {META}
+    assert len(decoded) == 4
+
+
+# ---- exactness, with the CPU playing the GPU ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "fp8"), PLANS, ids=IDS)
+def test_no_lora_gives_the_plans_base_output_bit_for_bit(name, fp8, tmp_path, offline_tiny_environment):
+    models = load_flux(("dev", "schnell"), device=CPU, dtype=torch.bfloat16, fast=False, plan=plan(name, fp8))
+    manager = LoraManager(models.transformers, LoraCache(tmp_path / "cache", 10**9), models.placement)
+    shapes = {
+        n: (m.out_features, m.in_features)
+        for n, m in models.transformers["dev"].named_modules()
+        if isinstance(m, torch.nn.Linear) and "blocks." in n
+    }
+    paths = [save(tmp_path / f"{i}.safetensors", *to_peft(known_update(shapes, seed=i))) for i in (1, 2)]
+
+    def image(model: str, loras: list) -> bytes:
+        manager.activate(model, [LoraChoice("lora_weights", str(p), scale) for p, scale in loras])
+        request = build_request(
+            prompt="a red circle", model=model, num_inference_steps=1, seed=3, megapixels="0.25"
+        )
+        return generate(models, request).images[0].tobytes()
+
+    base_dev, base_schnell = image("dev", []), image("schnell", [])
+    with_a = image("dev", [(paths[0], 1.0)])
+    assert with_a != base_dev
+    image("schnell", [(paths[1], 0.7)])
+    assert image("dev", [(paths[0], 1.0), (paths[1], 0.5)]) != with_a
+    assert image("dev", [(paths[0], 1.0)]) == with_a  # the same LoRA again: the same image
+    assert image("schnell", []) == base_schnell
+    assert image("dev", []) == base_dev
+
+
+def test_a_lora_under_eight_bit_is_fused_into_the_original_and_stored_again(offline_tiny_environment):
+    """codes = quantize(bf16(original + delta)); restoring stores the original's own codes."""
+    models = load_flux(
+        ("dev",), device=CPU, dtype=torch.bfloat16, fast=False, plan=plan("8bit", True, ("dev",))
+    )
+    transformer = models.transformers["dev"]
+    name = "transformer_blocks.0.ff.net.2"
+    module = transformer.get_submodule(name)
+    base_codes = module.codes.clone()
+    update = LoraUpdate(
+        down=torch.randn(4, module.in_features), up=torch.randn(module.out_features, 4), alpha=4.0
+    )
+    fuser = LoraFuser(transformer)
+    fuser.set_loras([("a", {name: update}, 0.5)])
+    expected = (module.original.float() + 0.5 * update.delta()).to(torch.bfloat16)
+    codes, scale = quantize_weight(expected, "fp8")
+    assert torch.equal(module.codes.view(torch.uint8), codes.view(torch.uint8))
+    assert torch.equal(module.scale, scale)
+    assert fuser.backup_bytes == 0  # no copy: the original is already in host memory
+    fuser.clear()
+    assert torch.equal(module.codes.view(torch.uint8), base_codes.view(torch.uint8))
