@@ -153,7 +153,8 @@ def choose_plan(
             peak_bytes=peak,
             free_bytes=free_bytes,
         )
-    raise NotEnoughMemory(free_bytes or 0, smallest_gpu(len(variants), training, sizes))
+    smallest_peak = min(plan_peak(name, sizes, len(variants), training)[0] for name in names)
+    raise NotEnoughMemory(free_bytes or 0, smallest_peak, smallest_gpu(len(variants), training, sizes))
 
 
 def _candidates(training: bool) -> tuple[str, ...]:
@@ -161,11 +162,11 @@ def _candidates(training: bool) -> tuple[str, ...]:
 
 
 class NotEnoughMemory(RuntimeError):
-    def __init__(self, free_bytes: int, smallest: str):
+    def __init__(self, free_bytes: int, needed_bytes: int, smallest: str):
         super().__init__(
             f"FLUX.1 does not fit this GPU: {free_bytes / GiB:.1f} GiB of its memory is free, and the "
-            f"smallest memory plan (8-bit transformer, T5 in host memory) needs more; "
-            f"the smallest GPU that works is {smallest}"
+            f"smallest memory plan (8bit: 8-bit transformer, T5 in host memory) needs about "
+            f"{needed_bytes / GiB:.1f} GiB; the smallest GPU that works is {smallest}"
         )
 
 

@@ -134,7 +134,7 @@ class LoraFuser:
             eight_bit = isinstance(module, EightBitLinear)
             # Sum in float32 and round to the weight's dtype once: W0 + delta, not W0 + round(delta).
             if eight_bit:  # into the bf16 original, on the codes' device; rounded to bf16, stored again
-                total = module.original.to(module.codes.device, torch.float32)
+                total = module.original.to(module.codes.device, torch.float32, copy=True)
             else:
                 total = module.weight.to(torch.float32, copy=True)
             for update, scale in updates:

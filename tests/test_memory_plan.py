@@ -1,0 +1,85 @@
+"""The memory plan for every row of the hardware table, from FLUX.1's real sizes (built on meta)."""
+
+import pytest
+
+from errors import UserInputError
+from flux.memory_plan import GPUS, GiB, NotEnoughMemory, choose_plan, flux_sizes, forced_plan
+
+BOTH = ("dev", "schnell")
+BY_NAME = {gpu.name: gpu for gpu in GPUS}
+# GPU -> (plan with both variants, plan with dev alone, training plan)
+TABLE = {
+    "H200 141 GB": ("resident", "resident", "resident"),
+    "H100 80 GB": ("resident", "resident", "resident"),
+    "A100 80 GB": ("resident", "resident", "resident"),
+    "L40S 48 GB": ("swap", "resident", "resident"),
+    "A40 48 GB": ("swap", "resident", "resident"),
+    "RTX A6000 48 GB": ("swap", "resident", "resident"),
+    "A100 40 GB": ("swap", "resident", "resident"),
+    "RTX 4090 24 GB": ("8bit", "8bit", "8bit"),
+    "L4 24 GB": ("8bit", "8bit", "8bit"),
+    "A10 24 GB": ("8bit", "8bit", "8bit"),
+}
+
+
+def test_sizes_are_flux_ones():
+    sizes = flux_sizes()
+    assert 22.0 < sizes.transformer / GiB < 22.4  # 11.9e9 parameters in bf16
+    assert 11.0 < sizes.transformer_8bit / GiB < 11.4  # the block Linears at one byte
+    assert 8.8 < sizes.t5 / GiB < 8.95  # T5-XXL's encoder, 4.76e9 parameters
+    assert sizes.clip < 0.3 * GiB and sizes.vae < 0.2 * GiB
+
+
+@pytest.mark.parametrize("gpu_name", sorted(TABLE))
+def test_each_gpu_gets_its_plan_and_the_plan_fits(gpu_name):
+    gpu = BY_NAME[gpu_name]
+    both, alone, training = TABLE[gpu_name]
+    cases = [(BOTH, False, both), (("dev",), False, alone), (("dev",), True, training)]
+    for variants, train, expected in cases:
+        plan = choose_plan(gpu.free_bytes, variants, training=train, has_fp8=gpu.fp8)
+        assert plan.name == expected, (variants, train)
+        assert plan.peak_bytes <= gpu.free_bytes
+        assert plan.storage == ("bf16" if expected != "8bit" else "fp8" if gpu.fp8 else "int8")
+        assert plan.t5_on_gpu == (expected != "8bit" and not train)
+        assert plan.transformers_on_gpu == (len(variants) if expected == "resident" and not train else 1)
+
+
+def test_80_gb_and_up_keep_todays_placement():
+    for name in ("H100 80 GB", "A100 80 GB", "H200 141 GB"):
+        plan = choose_plan(BY_NAME[name].free_bytes, BOTH, has_fp8=True)
+        assert (plan.transformers_on_gpu, plan.storage, plan.t5_on_gpu, plan.swaps) == (
+            2,
+            "bf16",
+            True,
+            False,
+        )
+
+
+def test_a_t4_is_refused_naming_the_memory_found_and_the_smallest_gpu_that_works():
+    t4 = BY_NAME["T4 16 GB"]
+    for training in (False, True):
+        with pytest.raises(NotEnoughMemory) as caught:
+            choose_plan(t4.free_bytes, ("dev",), training=training)
+        message = str(caught.value)
+        assert f"{t4.free_bytes / GiB:.1f} GiB of its memory is free" in message
+        assert "the smallest GPU that works is A10 24 GB" in message
+        assert "needs about 21.4 GiB" in message  # 8bit, while T5 encodes beside the 8-bit transformer
+
+
+def test_the_one_line_says_where_everything_is():
+    line = choose_plan(BY_NAME["RTX 4090 24 GB"].free_bytes, BOTH, has_fp8=True).describe()
+    assert line.startswith("memory plan 8bit: 1 transformer on the GPU, the other in host memory")
+    assert "block Linears in fp8 (bf16 originals in host memory)" in line
+    assert "T5 in host memory, moved in for the prompt" in line and "23.5 GiB free" in line
+
+
+def test_flux_memory_plan_forces_a_plan_and_refuses_a_typo(monkeypatch):
+    monkeypatch.setenv("FLUX_MEMORY_PLAN", "8bit")
+    forced = forced_plan()
+    plan = choose_plan(BY_NAME["H200 141 GB"].free_bytes, BOTH, has_fp8=True, forced=forced)
+    assert plan.name == "8bit" and plan.storage == "fp8"
+    monkeypatch.setenv("FLUX_MEMORY_PLAN", "offload")
+    with pytest.raises(
+        UserInputError, match="FLUX_MEMORY_PLAN.*offload.*auto or one of: resident, swap, 8bit"
+    ):
+        forced_plan()
