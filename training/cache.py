@@ -108,7 +108,7 @@ def build_cache(
     distinct = list(dict.fromkeys([*captions, dropout_caption, *class_captions]))
     number_of = {text: i for i, text in enumerate(distinct)}
     pipe = _text_pipeline(models)
-    with torch.no_grad():
+    with torch.no_grad(), models.visiting("t5"):  # moved in for the captions if the plan keeps it out
         for numbers in _share(_runs(distinct, lambda _: 0, lambda _: ENCODE_BATCH), processes):
             batch = [distinct[n] for n in numbers]
             prompt, pooled, _ = pipe.encode_prompt(
@@ -168,7 +168,9 @@ def move_encoders(models: FluxModels, device: torch.device | str) -> None:
     """Move the VAE and both text encoders (off the accelerator during the loop, back for previews)."""
     if models.device.type == "cpu":
         return
-    for module in (models.vae, models.text_encoder, models.text_encoder_2):
+    # T5 where the memory plan keeps it in host memory stays there: it visits the GPU for each prompt.
+    t5_moves = models.placement is None or models.placement.on_device("t5")
+    for module in (models.vae, models.text_encoder, *([models.text_encoder_2] if t5_moves else [])):
         module.to(device)
     if torch.device(device).type == "cpu":
         torch.cuda.empty_cache()

@@ -106,7 +106,7 @@ def run_training(
     tracker = None
     try:
         if models is None:  # training never uses the fp8/compiled path
-            models = load_flux(("dev",), device=processes.device(), fast=False)
+            models = load_flux(("dev",), device=processes.device(), fast=False, training=True)
         variant = get_variant(config.base_model)
         transformer = models.transformer_for(variant)
         targets = select_lora_targets(transformer, config.layers_to_optimize_regex)
