@@ -47,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 from gpu_caching import compile_cache_section, step_cache_section  # noqa: E402
 from gpu_caching import table_rows as caching_rows  # noqa: E402
+from gpu_memory_plans import plans_section  # noqa: E402
+from gpu_memory_plans import table_rows as plan_rows  # noqa: E402
 from gpu_train import table_rows as train_rows  # noqa: E402
 from gpu_train import train_section  # noqa: E402
 from gpu_train_processes import multi_gpu_section  # noqa: E402
@@ -550,6 +552,7 @@ def table(results: dict) -> str:
         *caching_rows(results),
         *train_rows(results),
         *multi_gpu_rows(results),
+        *plan_rows(results),
     ]
     lines = [f"{'what':42} {'project s':>10} {'reference s':>12} {'ratio':>7}  target"]
     for name, ours, ref, target in rows:
@@ -594,6 +597,7 @@ def main() -> None:
         "--no-dynamic-warmup", action="store_true", help="warm up one shape only (faster setup)"
     )
     parser.add_argument("--no-train", action="store_true", help="skip the training section")
+    parser.add_argument("--no-plans", action="store_true", help="skip the memory plan rows")
     parser.add_argument(
         "--train-only", action="store_true", help="baseline + training only (no inference models)"
     )
@@ -651,6 +655,9 @@ def main() -> None:
             bench.attempt("allocator", allocator_section, bench, models)
         if not args.no_train and bench.section("training", 10 if args.tiny else 120):
             bench.attempt("training", train_section, bench, models, FULL["transformer"])
+        # Each smaller card's memory plan, emulated by capping this GPU (after training freed the models).
+        if not args.no_plans and bench.section("memory plans", 10 if args.tiny else 240):
+            bench.attempt("memory plans", plans_section, bench, models, FULL["transformer"])
         # Two fresh processes compiling a shallow full-width transformer; the CPU's check is tests/test_compile_cache.py.
         if bench.device.type == "cuda" and bench.section("compile cache", 100):
             bench.attempt("compile cache", compile_cache_section, bench)

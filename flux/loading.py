@@ -13,7 +13,7 @@ from flux.eight_bit import store_in_eight_bit
 from flux.embeddings import PromptEmbeddingCache
 from flux.fast.capability import FastSupport
 from flux.fast.path import FastPath, setup_fast
-from flux.memory_plan import MemoryPlan, choose_plan, forced_plan
+from flux.memory_plan import ENV_PLAN, MemoryPlan, choose_plan, forced_plan
 from flux.placement import Placement
 from flux.variants import VariantSpec, get_variant
 from weights.base_models import resolve_base_weights
@@ -107,6 +107,7 @@ def load_flux(
         placement.add(name, module.to(device) if on_device else module, on_device)
         return module
 
+    # Each component is placed as soon as it is loaded: host memory holds one at a time (and what the plan keeps there).
     models = FluxModels(
         tokenizer=AutoTokenizer.from_pretrained(shared / "tokenizer", local_files_only=True),
         tokenizer_2=AutoTokenizer.from_pretrained(shared / "tokenizer_2", local_files_only=True),
@@ -114,7 +115,7 @@ def load_flux(
         text_encoder_2=place("t5", load(T5EncoderModel, shared, "text_encoder_2"), plan.t5_on_gpu),
         vae=place("vae", load(AutoencoderKL, shared, "vae"), True),
         transformers={
-            v.name: _place_transformer(
+            v.name: place_transformer(
                 load(FluxTransformer2DModel, folders[v.name], "transformer"), v.name, plan, placement
             )
             for v in variants
@@ -126,17 +127,40 @@ def load_flux(
         plan=plan,
         placement=placement,
     )
-    if plan.name != "resident":
-        models.vae.enable_slicing()  # decode a batch one image at a time: the headroom counts one
-    for name in variants[: plan.transformers_on_gpu]:
-        placement.bring_in(name.name)
     log.info(
         "loaded %s on %s (%s) in %.1f s", ", ".join(folders), device, dtype, time.perf_counter() - started
     )
+    return _finish(models, fast)
+
+
+def apply_plan(models: FluxModels, plan: MemoryPlan, fast: bool = True) -> FluxModels:
+    """Place models built by hand (every component in host memory, `models.device` the target) as
+    `plan` says, as load_flux does while loading: for benchmarks and notebooks."""
+    log.info("%s", plan.describe())
+    placement = Placement(models.device, plan.transformers_on_gpu)
+    for name, module, on_device in (
+        ("clip", models.text_encoder, True),
+        ("t5", models.text_encoder_2, plan.t5_on_gpu),
+        ("vae", models.vae, True),
+    ):
+        placement.add(name, module.to(models.device) if on_device else module, on_device)
+    for name, transformer in models.transformers.items():
+        place_transformer(transformer, name, plan, placement)
+    models.plan, models.placement = plan, placement
+    return _finish(models, fast)
+
+
+def _finish(models: FluxModels, fast: bool) -> FluxModels:
+    """The plan's last steps: the first transformers in, VAE slicing, go_fast where the plan has room."""
+    plan = models.plan
+    if plan.name != "resident":
+        models.vae.enable_slicing()  # decode a batch one image at a time: the headroom counts one
+    for name in plan.variants[: plan.transformers_on_gpu]:
+        models.placement.bring_in(name)
     # At setup, not on the first request: compiling the blocks for go_fast takes tens of seconds.
-    lengths = {v.name: v.max_sequence_length for v in variants}
     if plan.name == "resident":
-        models.fast = setup_fast(models.transformers, device, lengths, mode=None if fast else "off")
+        lengths = {name: get_variant(name).max_sequence_length for name in models.transformers}
+        models.fast = setup_fast(models.transformers, models.device, lengths, mode=None if fast else "off")
     else:  # fp8 copies would not fit; what waits in host memory cannot carry compiled state either
         models.fast = FastPath(
             FastSupport(False, f"memory plan {plan.name}: go_fast runs the plan's standard path")
@@ -144,7 +168,7 @@ def load_flux(
     return models
 
 
-def _place_transformer(
+def place_transformer(
     transformer: torch.nn.Module, name: str, plan: MemoryPlan, placement: Placement
 ) -> torch.nn.Module:
     """Store the block Linears in 8 bit if the plan says so, then move the transformer to the device,
@@ -169,9 +193,17 @@ def plan_for(device: torch.device, variants: tuple[str, ...], training: bool) ->
     if device.type != "cuda":
         return choose_plan(None, variants, training, forced=forced)
     capability = torch.cuda.get_device_capability(device)
-    return choose_plan(
-        gpu_free_bytes(device), variants, training, has_fp8=capability >= (8, 9), forced=forced
-    )
+    free = gpu_free_bytes(device)
+    plan = choose_plan(free, variants, training, has_fp8=capability >= (8, 9), forced=forced)
+    if plan.peak_bytes > free:  # only a forced plan gets here: the estimate is conservative, so try it
+        log.warning(
+            "%s=%s needs about %.1f GiB by the estimate and %.1f GiB is free: it may run out of memory",
+            ENV_PLAN,
+            plan.name,
+            plan.peak_bytes / 2**30,
+            free / 2**30,
+        )
+    return plan
 
 
 def gpu_free_bytes(device: torch.device) -> int:
