@@ -74,6 +74,11 @@ def test_every_section_reports_and_the_table_comes_last(tmp_path):
         )
     multi = results["train_multi_gpu"]  # --tiny: two gloo processes stand in for two GPUs
     assert multi["processes"] == 2 and multi["optimizer_steps"] > 0 and multi["step_s"] > 0
+    plans = [results[key] for key in results if key.startswith("plan ")]  # each card's memory plan
+    assert len(plans) == 3
+    for row in plans:
+        assert (row["plan"], row["train_plan"]) == (row["expected_plan"], row["expected_training_plan"])
+        assert row["lora_changes_image"] and row["base_bit_for_bit_after_lora"] and row["train_step_s"] > 0
     assert results["recompiles"] == 0
     assert not results["cudnn_sdp_enabled"]  # the attention backends production runs
     table = stdout[stdout.index("what ") :]
