@@ -12,9 +12,12 @@ the original again, which quantizes to the very same codes, so the base output c
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
-from flux.fast.fp8 import FP8, FP8_MAX
+from flux.fast.fp8 import FP8, FP8_MAX, emulated_linear, fp8_linear
 from flux.fast.targets import repeated_blocks
 
 INT8_MAX = 127.0
@@ -62,6 +65,10 @@ class EightBitLinear(torch.nn.Linear):
         self.storage = storage
         self.original = linear.weight.detach()  # host memory, exact bf16: never a buffer, never moved
         self.bias = linear.bias
+        # go_fast on fp8 storage: the product runs on the fp8 tensor cores with the stored codes (each
+        # activation row quantized on the fly, as go_fast's fp8 copies do), no copy and no dequantize.
+        self.use_fp8 = False
+        self.backend = "scaled_mm"  # or "emulate": the same math in float32 (tests, CPU benches)
         shape = tuple(linear.weight.shape)
         self.register_buffer("codes", torch.empty(shape, dtype=STORAGE_DTYPES[storage], device=home))
         self.register_buffer("scale", torch.empty(shape[0], 1, dtype=torch.float32, device=home))
@@ -83,10 +90,39 @@ class EightBitLinear(torch.nn.Linear):
         return self.dequantized(self.original.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_fp8:
+            product = emulated_linear if self.backend == "emulate" else fp8_linear
+            return product(x, self.codes, self.scale.view(1, -1), self.bias)
         return torch.nn.functional.linear(x, self.dequantized(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, storage={self.storage}"
+
+
+class Fp8Storage:
+    """go_fast for a transformer stored in fp8 (the 8bit plan on an fp8 GPU): FastPath's per-request
+    switch, turning the stored codes' fp8 product on and off. Nothing to refresh: LoRA fusing writes
+    the codes themselves."""
+
+    def __init__(self, transformer: torch.nn.Module, backend: str = "scaled_mm"):
+        self.linears = [
+            m for m in transformer.modules() if isinstance(m, EightBitLinear) and m.storage == "fp8"
+        ]
+        for module in self.linears:
+            module.backend = backend
+
+    @contextmanager
+    def active(self, on: bool = True) -> Iterator[None]:
+        for module in self.linears:
+            module.use_fp8 = on
+        try:
+            yield
+        finally:
+            for module in self.linears:
+                module.use_fp8 = False
+
+    def refresh_stale(self) -> int:
+        return 0
 
 
 def store_in_eight_bit(

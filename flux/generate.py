@@ -124,7 +124,9 @@ def prompt_embeddings(
         with models.visiting("t5"):  # moved in only on a miss, when the plan keeps it in host memory
             return encode()
 
-    return models.prompt_embeddings.get(request.prompt, variant.name, variant.max_sequence_length, encode_with_t5_in)
+    return models.prompt_embeddings.get(
+        request.prompt, variant.name, variant.max_sequence_length, encode_with_t5_in
+    )
 
 
 def keep_unmasked(source: Image.Image, mask: Image.Image, generated: Image.Image) -> Image.Image:

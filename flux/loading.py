@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from errors import UserInputError
-from flux.eight_bit import store_in_eight_bit
+from flux.eight_bit import Fp8Storage, store_in_eight_bit
 from flux.embeddings import PromptEmbeddingCache
-from flux.fast.capability import FastSupport
+from flux.fast.capability import FastSupport, detect_fast_support
 from flux.fast.path import FastPath, setup_fast
 from flux.memory_plan import ENV_PLAN, MemoryPlan, choose_plan, forced_plan
 from flux.placement import Placement
@@ -161,11 +161,21 @@ def _finish(models: FluxModels, fast: bool) -> FluxModels:
     if plan.name == "resident":
         lengths = {name: get_variant(name).max_sequence_length for name in models.transformers}
         models.fast = setup_fast(models.transformers, models.device, lengths, mode=None if fast else "off")
-    else:  # fp8 copies would not fit; what waits in host memory cannot carry compiled state either
-        models.fast = FastPath(
-            FastSupport(False, f"memory plan {plan.name}: go_fast runs the plan's standard path")
-        )
+    else:  # no room for fp8 copies; fp8 storage is its own fast path (no compile: swapped transformers)
+        models.fast = _storage_fast_path(models, fast)
     return models
+
+
+def _storage_fast_path(models: FluxModels, fast: bool) -> FastPath:
+    """go_fast outside `resident`: the fp8 product on fp8-stored codes where the GPU runs it, else the
+    plan's standard path (said once, at the first go_fast request)."""
+    plan = models.plan
+    support = detect_fast_support(models.device) if fast else FastSupport(False, "switched off")
+    if plan.storage != "fp8" or not support.available:
+        why = "its weights are not stored in fp8" if plan.storage != "fp8" else support.reason
+        return FastPath(FastSupport(False, f"memory plan {plan.name}: {why}; go_fast runs the standard path"))
+    log.info("go_fast: fp8 products on the stored fp8 weights (memory plan %s, not compiled)", plan.name)
+    return FastPath(support, {name: Fp8Storage(t) for name, t in models.transformers.items()})
 
 
 def place_transformer(

@@ -49,9 +49,13 @@ def resolve_size(
     if aspect_ratio not in ASPECT_RATIOS:
         allowed = ", ".join([*ASPECT_RATIOS, CUSTOM])
         raise UserInputError("aspect_ratio", aspect_ratio, f"allowed: {allowed}")
-    ignored = [f"{name}={value}" for name, value in (("width", width), ("height", height)) if value is not None]
+    ignored = [
+        f"{name}={value}" for name, value in (("width", width), ("height", height)) if value is not None
+    ]
     if ignored:
-        log.warning("%s ignored: used only with aspect_ratio=custom (got %s)", ", ".join(ignored), aspect_ratio)
+        log.warning(
+            "%s ignored: used only with aspect_ratio=custom (got %s)", ", ".join(ignored), aspect_ratio
+        )
     w, h = ASPECT_RATIOS[aspect_ratio]
     if megapixels == "0.25":  # a quarter of the pixels: both sides halved
         w, h = w // 2, h // 2

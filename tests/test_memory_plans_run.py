@@ -197,3 +197,45 @@ def test_a_lora_under_eight_bit_is_fused_into_the_original_and_stored_again(offl
     assert fuser.backup_bytes == 0  # no copy: the original is already in host memory
     fuser.clear()
     assert torch.equal(module.codes.view(torch.uint8), base_codes.view(torch.uint8))
+
+
+def test_go_fast_under_the_8bit_plan_runs_fp8_products_on_the_stored_codes(
+    monkeypatch, decoded, offline_tiny_environment
+):
+    """On an fp8 GPU (support faked: meta runs the real _scaled_mm call's shapes), go_fast requests use
+    the stored codes' fp8 product, across a swap; go_fast=false requests dequantize."""
+    import flux.loading
+    from flux.fast.capability import FastSupport
+
+    monkeypatch.setattr(flux.loading, "detect_fast_support", lambda device: FastSupport(True, "test GPU"))
+    models = load_flux(("dev", "schnell"), device=META, dtype=torch.bfloat16, plan=plan("8bit", True))
+    assert set(models.fast.transformers) == {"dev", "schnell"}
+    ran: list[bool] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out: ran.append(mod.use_fp8))
+        for t in models.transformers.values()
+        for m in t.modules()
+        if isinstance(m, EightBitLinear)
+    ]
+    try:
+        for model, go_fast in [("dev", True), ("schnell", True), ("dev", False)]:
+            ran.clear()
+            generate(models, build_request(prompt="a red circle", model=model, go_fast=go_fast, **SMALL))
+            assert ran and set(ran) == {go_fast}, (model, go_fast)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_the_fp8_product_on_stored_codes_matches_the_dequantized_one():
+    """The float32 emulation of the fp8 product (activations quantized per row) against the
+    dequantized weight's product: close, as go_fast's fp8 copies are to bf16."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 128)
+    module = EightBitLinear(linear, "fp8", CPU, CPU)
+    x = torch.randn(4, 10, 256)
+    plain = module(x)
+    module.use_fp8, module.backend = True, "emulate"
+    fast = module(x)
+    assert fast.shape == plain.shape
+    assert ((fast - plain).norm() / plain.norm()) < 0.05

@@ -42,6 +42,7 @@ HEADROOM_BYTES = 10 * 2**30
 @dataclass
 class FastPath:
     support: FastSupport
+    # FastTransformer (fp8 copies, compiled) or, under the 8bit memory plan, flux.eight_bit.Fp8Storage
     transformers: dict[str, FastTransformer] = field(default_factory=dict)
     setup_seconds: float = 0.0
     _fallback_logged: bool = False
