@@ -1,4 +1,6 @@
-"""Give the host memory a request freed back to the system, so a server's footprint stays flat.
+"""Host memory: give what a request freed back to the system, and page-lock what the GPU copies often.
+
+Trimming: see release_free_host_memory.
 
 Requests of varying sizes and modes (aspect ratios, img2img, inpainting, LoRA switches) allocate and
 free large buffers of ever-different sizes on the host. glibc's malloc keeps freed memory in its
@@ -36,3 +38,24 @@ def release_free_host_memory() -> bool:
         return False
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False
+
+
+def register_host_memory(pointer: int, size: int) -> bool:
+    """Page-lock `size` bytes at `pointer` for the GPU's DMA engines (exactly those bytes: the pinned
+    allocator would round each block up to a power of two); False if the driver refuses."""
+    import torch
+
+    error = int(torch.cuda.cudart().cudaHostRegister(pointer, size, 0))
+    return error == 0
+
+
+def unregister_host_memory(pointer: int) -> None:
+    import torch
+
+    torch.cuda.cudart().cudaHostUnregister(pointer)
+
+
+def unregister_all(pointers: list[int], unregister=unregister_host_memory) -> None:
+    """A finalizer's body: unregister every pointer (before the memory behind them is freed)."""
+    for pointer in pointers:
+        unregister(pointer)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from errors import UserInputError
-from flux.eight_bit import Fp8Storage, store_in_eight_bit
+from flux.eight_bit import EightBitLinear, Fp8Storage, store_in_eight_bit
 from flux.embeddings import PromptEmbeddingCache
 from flux.fast.capability import FastSupport, detect_fast_support
 from flux.fast.path import FastPath, setup_fast
@@ -189,6 +189,8 @@ def place_transformer(
         # Quantized on the GPU when there is one (seconds, not a minute of CPU work per transformer).
         work = device if device.type == "cuda" else torch.device("cpu")
         store_in_eight_bit(transformer, plan.storage, home, work)
+        # LoRA fusing reads the originals from host memory, module by module
+        placement.pin([m.original for m in transformer.modules() if isinstance(m, EightBitLinear)])
     if not plan.swaps:
         transformer.to(device)
     placement.add(name, transformer, on_device=not plan.swaps, transformer=True)

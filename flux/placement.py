@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+
+from flux.host_memory import register_host_memory, unregister_all, unregister_host_memory
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +38,44 @@ class Placement:
         self.on_evict: list[Callable[[str], None]] = []
         self.moves = 0
         self.bytes_moved = 0
+        # Page-locked host tensors, kept alive here: unregistered (the finalizer) before they are freed.
+        self._pinned: list[torch.Tensor] = []
+        self._pinned_pointers: list[int] = []
+        self.pinned_bytes = 0
+        weakref.finalize(self, unregister_all, self._pinned_pointers, unregister_host_memory)
 
     def add(self, name: str, module: torch.nn.Module, on_device: bool, transformer: bool = False) -> None:
         """Register a component, already where `on_device` says (a resident one stays there for good)."""
         self.modules[name] = module
+        if not on_device:  # it will be copied in (and a transformer's fused LoRA restored) again and again
+            self.pin([owner[key] for owner, key in _slots(module)])
         if on_device and not transformer:
             self._resident.add(name)
         if on_device and transformer:
             self._transformer_order.append(name)
+
+    def pin(self, tensors: list[torch.Tensor]) -> None:
+        """Page-lock host tensors the GPU copies from often, so the copies run at DMA speed; where the
+        driver refuses (a locked-memory limit) they stay pageable, and one line says so."""
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            return
+        refused = 0
+        known = set(self._pinned_pointers)
+        for tensor in tensors:
+            pointer, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+            if tensor.device.type != "cpu" or size == 0 or pointer in known:
+                continue
+            if register_host_memory(pointer, size):
+                self._pinned.append(tensor)
+                self._pinned_pointers.append(pointer)
+                known.add(pointer)
+                self.pinned_bytes += size
+            else:
+                refused += size
+        if refused:
+            log.warning(
+                "could not pin %.2f GB of host memory; its copies to the GPU run slower", refused / 1e9
+            )
 
     def on_device(self, name: str) -> bool:
         return name in self._resident or name in self._masters or name in self._transformer_order

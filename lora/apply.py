@@ -101,7 +101,9 @@ class LoraFuser:
                     raise ValueError(f"LoRA {key}: the transformer has no Linear named {name}")
                 shape = (module.out_features, module.in_features)
                 if update.shape != shape:
-                    raise ValueError(f"LoRA {key}: update of shape {update.shape} does not fit {name} {shape}")
+                    raise ValueError(
+                        f"LoRA {key}: update of shape {update.shape} does not fit {name} {shape}"
+                    )
 
     @torch.no_grad()
     def _restore(self) -> None:

@@ -18,17 +18,9 @@ from collections.abc import Mapping
 
 import torch
 
+from flux.host_memory import register_host_memory, unregister_all, unregister_host_memory
+
 log = logging.getLogger(__name__)
-
-
-def register_host_memory(pointer: int, size: int) -> bool:
-    """Page-lock `size` bytes at `pointer` for the GPU's DMA engines; False if the driver refuses."""
-    error = int(torch.cuda.cudart().cudaHostRegister(pointer, size, 0))
-    return error == 0
-
-
-def unregister_host_memory(pointer: int) -> None:
-    torch.cuda.cudart().cudaHostUnregister(pointer)
 
 
 class BackupSlabs:
@@ -41,7 +33,7 @@ class BackupSlabs:
         self._registered: list[int] = []
         # Unregister before the memory is freed (a freed, still-registered range breaks later pins),
         # with the function that registered it.
-        weakref.finalize(self, _unregister_all, self._registered, unregister_host_memory)
+        weakref.finalize(self, unregister_all, self._registered, unregister_host_memory)
 
     @property
     def nbytes(self) -> int:
@@ -79,8 +71,3 @@ class BackupSlabs:
             self.pinned_bytes += size
         else:
             log.warning("could not pin %.2f GB of LoRA backups; restores use pageable memory", size / 1e9)
-
-
-def _unregister_all(pointers: list[int], unregister) -> None:
-    for pointer in pointers:
-        unregister(pointer)
