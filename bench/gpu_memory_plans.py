@@ -93,7 +93,7 @@ def lora_row(bench, models) -> dict:
     from lora.formats import LoraUpdate
 
     transformer = models.transformer_for(_variant("dev"))
-    fuser = LoraFuser(transformer)
+    fuser = LoraFuser(transformer, host_originals=lambda name: models.placement.host_weight("dev", name))
     models.placement.on_evict.append(lambda name: fuser.forget_fused() if name == "dev" else None)
     g = torch.Generator().manual_seed(0)
     lora = {

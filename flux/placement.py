@@ -33,6 +33,7 @@ class Placement:
         self.transformers_on_gpu = transformers_on_gpu
         self.modules: dict[str, torch.nn.Module] = {}
         self._masters: dict[str, list[torch.Tensor]] = {}  # host copies of the components on the device
+        self._master_of: dict[str, dict[tuple[int, str], torch.Tensor]] = {}  # the same, by slot
         self._resident: set[str] = set()  # on the device for good (the plan keeps them there)
         self._transformer_order: list[str] = []  # transformers on the device, least recently used first
         self.on_evict: list[Callable[[str], None]] = []
@@ -107,13 +108,25 @@ class Placement:
         self._move_in(name)
         self._transformer_order.append(name)
 
+    def host_weight(self, component: str, module_name: str) -> torch.Tensor | None:
+        """The exact host copy of a Linear's weight while its component is on the device (None when
+        it is resident for good and so has none): the base a LoRA fuser restores from, no backup needed."""
+        master_of = self._master_of.get(component)
+        if master_of is None:
+            return None
+        module = self.modules[component].get_submodule(module_name)
+        host = master_of.get((id(module._parameters), "weight"))
+        return None if host is None else host.detach()
+
     @torch.no_grad()
     def _move_in(self, name: str) -> None:
         started = time.perf_counter()
         masters, copies = [], {}  # copies: one device copy per host tensor, however many slots share it
+        master_of = {}
         for owner, key in _slots(self.modules[name]):
             host = owner[key]
             masters.append(host)
+            master_of[(id(owner), key)] = host
             if id(host) not in copies:
                 # A copy even when the "device" is the host (CPU tests): fusing must never write a master.
                 data = host.detach().to(self.device, non_blocking=True, copy=True)
@@ -121,6 +134,7 @@ class Placement:
                 copies[id(host)] = torch.nn.Parameter(data, host.requires_grad) if is_param else data
             owner[key] = copies[id(host)]
         self._masters[name] = masters
+        self._master_of[name] = master_of
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the host masters must not change under a copy
         moved = sum(t.numel() * t.element_size() for t in copies.values())
@@ -131,6 +145,7 @@ class Placement:
     @torch.no_grad()
     def _move_out(self, name: str) -> None:
         masters = self._masters.pop(name)
+        self._master_of.pop(name)
         for (owner, key), host in zip(_slots(self.modules[name]), masters, strict=True):
             owner[key] = host
         if self.device.type == "cuda":

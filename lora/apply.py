@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -35,8 +35,16 @@ LoraRequest = tuple[str, CanonicalLora, float]
 class LoraFuser:
     """Keeps a transformer's weights equal to base + the requested LoRAs, and only changes them on change."""
 
-    def __init__(self, transformer: torch.nn.Module, backup_device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        backup_device: torch.device | str = "cpu",
+        host_originals: Callable[[str], torch.Tensor | None] | None = None,
+    ):
+        """host_originals: module name -> an exact host copy of its base weight that already exists
+        (the memory plan's, for a transformer it swaps), used instead of a backup copy."""
         self._linears = {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+        self._host_originals = host_originals
         self.backups = BackupSlabs(backup_device)
         self._originals: dict[str, torch.Tensor] = {}  # views into self.backups' slabs
         self._modified: set[str] = set()
@@ -50,8 +58,8 @@ class LoraFuser:
 
     @property
     def backup_bytes(self) -> int:
-        """Bytes held by the copies of original weights."""
-        return sum(t.numel() * t.element_size() for t in self._originals.values())
+        """Bytes held by the copies of original weights this fuser made."""
+        return self.backups.nbytes
 
     def set_loras(self, loras: Sequence[LoraRequest]) -> bool:
         """Make the weights base + sum(scale * update) of `loras`. Returns True if the weights changed.
@@ -128,6 +136,11 @@ class LoraFuser:
             for name in per_module
             if name not in self._originals and not isinstance(self._linears[name], EightBitLinear)
         }
+        for name in list(new):
+            existing = self._host_originals(name) if self._host_originals else None
+            if existing is not None:
+                self._originals[name] = existing
+                del new[name]
         if new:
             self._originals.update(self.backups.keep(new))
         for name, updates in per_module.items():

@@ -106,7 +106,10 @@ class LoraManager:
         self, transformers: dict[str, torch.nn.Module], cache: LoraCache, placement: Placement | None = None
     ):
         self._transformers = transformers
-        self._fusers = {name: LoraFuser(transformer) for name, transformer in transformers.items()}
+        self._fusers = {
+            name: LoraFuser(transformer, host_originals=_host_weights(placement, name))
+            for name, transformer in transformers.items()
+        }
         self._placement = placement
         if placement is not None:  # a transformer swapped out comes back as the base model
             placement.on_evict.append(lambda variant: self._fusers[variant].forget_fused())
@@ -162,6 +165,14 @@ class LoraManager:
         while len(self._parsed) > PARSED_KEEP:
             self._parsed.popitem(last=False)
         return identity, lora
+
+
+def _host_weights(placement: Placement | None, variant: str):
+    """Where the memory plan keeps a transformer's base in host memory (it swaps transformers), the
+    fuser restores from that copy instead of making its own: half the host memory."""
+    if placement is None:
+        return None
+    return lambda module_name: placement.host_weight(variant, module_name)
 
 
 def warn_if_trigger_missing(prompt: str, choices: list[LoraChoice], version: VersionLora | None) -> None:

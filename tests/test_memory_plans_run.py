@@ -174,6 +174,9 @@ def test_no_lora_gives_the_plans_base_output_bit_for_bit(name, fp8, tmp_path, of
     assert image("dev", [(paths[0], 1.0)]) == with_a  # the same LoRA again: the same image
     assert image("schnell", []) == base_schnell
     assert image("dev", []) == base_dev
+    # Swapped or 8-bit transformers restore from the host copies the plan keeps: no backup copies.
+    backups = sum(fuser.backup_bytes for fuser in manager._fusers.values())
+    assert (backups > 0) == (name == "resident")
 
 
 def test_a_lora_under_eight_bit_is_fused_into_the_original_and_stored_again(offline_tiny_environment):
