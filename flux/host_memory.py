@@ -59,3 +59,15 @@ def unregister_all(pointers: list[int], unregister=unregister_host_memory) -> No
     """A finalizer's body: unregister every pointer (before the memory behind them is freed)."""
     for pointer in pointers:
         unregister(pointer)
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux): what can be allocated without swapping; None elsewhere."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

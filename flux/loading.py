@@ -13,6 +13,7 @@ from flux.eight_bit import EightBitLinear, Fp8Storage, store_in_eight_bit
 from flux.embeddings import PromptEmbeddingCache
 from flux.fast.capability import FastSupport, detect_fast_support
 from flux.fast.path import FastPath, setup_fast
+from flux.host_memory import available_host_bytes
 from flux.memory_plan import ENV_PLAN, MemoryPlan, choose_plan, forced_plan
 from flux.placement import Placement
 from flux.variants import VariantSpec, get_variant
@@ -90,6 +91,8 @@ def load_flux(
     variants = [get_variant(name, "FLUX_VARIANTS") for name in variant_names]
     plan = plan or plan_for(device, tuple(v.name for v in variants), training)
     log.info("%s", plan.describe())
+    if device.type == "cuda":  # the estimates are FLUX.1's: on a GPU the model is FLUX.1
+        warn_if_host_memory_short(plan)
     folders = {v.name: resolve_base_weights(v.folder, v.hf_repo, v.gated) for v in variants}
     shared = folders[variants[0].name]
     started = time.perf_counter()
@@ -216,6 +219,20 @@ def plan_for(device: torch.device, variants: tuple[str, ...], training: bool) ->
             free / 2**30,
         )
     return plan
+
+
+def warn_if_host_memory_short(plan: MemoryPlan) -> None:
+    """The plan keeps weights in host memory: say so at setup if the machine has less available (the
+    system would swap, or its out-of-memory killer end the worker)."""
+    available = available_host_bytes()
+    if available is not None and plan.host_bytes > available:
+        log.warning(
+            "memory plan %s keeps about %.0f GiB in host memory and %.0f GiB is available: expect "
+            "swapping, or load fewer variants (FLUX_VARIANTS)",
+            plan.name,
+            plan.host_bytes / 2**30,
+            available / 2**30,
+        )
 
 
 def gpu_free_bytes(device: torch.device) -> int:

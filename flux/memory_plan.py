@@ -60,6 +60,8 @@ class MemoryPlan:
     training: bool
     peak_bytes: int  # the estimate the plan was chosen by
     free_bytes: int | None  # what the GPU had free (None: not a GPU)
+    host_bytes: int = 0  # host memory the plan keeps (masters, 8-bit originals, T5), LoRA backups aside
+    lora_backup_bytes: int = 0  # at most, with LoRAs touching every block Linear of every variant
 
     @property
     def eight_bit(self) -> bool:
@@ -80,6 +82,12 @@ class MemoryPlan:
             + (" (bf16 originals in host memory)" if self.eight_bit else ""),
             "T5 on the GPU" if self.t5_on_gpu else "T5 in host memory, moved in for the prompt",
             f"peak about {self.peak_bytes / GiB:.1f} GiB",
+            f"host memory about {self.host_bytes / GiB:.0f} GiB"
+            + (
+                f" (+ up to {self.lora_backup_bytes / GiB:.0f} GiB of LoRA backups)"
+                if self.lora_backup_bytes
+                else ""
+            ),
         ]
         if self.free_bytes is not None:
             parts.append(f"{self.free_bytes / GiB:.1f} GiB free")
@@ -124,6 +132,20 @@ def plan_peak(
     return weights + sizes.t5 + INFERENCE_HEADROOM, on_gpu, True
 
 
+def plan_host(name: str, sizes: ComponentSizes, variants: int, training: bool = False) -> tuple[int, int]:
+    """(host bytes the plan keeps, LoRA backup bytes at most) of one plan.
+
+    resident keeps nothing on the host but the LoRA fuser's backups of the weights it touched; swap
+    keeps every transformer's bf16 base there, which the fuser restores from; 8bit keeps the bf16
+    originals (the fuser's source), the waiting variants' 8-bit codes and T5."""
+    if name == "resident":
+        return (sizes.t5 if training else 0), (0 if training else variants * sizes.transformer)
+    if name == "swap":
+        return variants * sizes.transformer, 0
+    waiting = variants - 1 if not training else 0
+    return variants * sizes.transformer + waiting * sizes.transformer_8bit + sizes.t5, 0
+
+
 def choose_plan(
     free_bytes: int | None,
     variants: tuple[str, ...],
@@ -143,6 +165,7 @@ def choose_plan(
         peak, on_gpu, t5_on_gpu = plan_peak(name, sizes, len(variants), training)
         if forced in (None, "auto") and free_bytes is not None and peak > free_bytes:
             continue
+        host, backups = plan_host(name, sizes, len(variants), training)
         return MemoryPlan(
             name=name,
             variants=tuple(variants),
@@ -152,6 +175,8 @@ def choose_plan(
             training=training,
             peak_bytes=peak,
             free_bytes=free_bytes,
+            host_bytes=host,
+            lora_backup_bytes=backups,
         )
     smallest_peak = min(plan_peak(name, sizes, len(variants), training)[0] for name in names)
     raise NotEnoughMemory(free_bytes or 0, smallest_peak, smallest_gpu(len(variants), training, sizes))

@@ -83,3 +83,25 @@ def test_flux_memory_plan_forces_a_plan_and_refuses_a_typo(monkeypatch):
         UserInputError, match="FLUX_MEMORY_PLAN.*offload.*auto or one of: resident, swap, 8bit"
     ):
         forced_plan()
+
+
+def test_host_memory_each_plan_keeps():
+    sizes = flux_sizes()
+    by_plan = {name: choose_plan(None, BOTH, forced=name) for name in ("resident", "swap", "8bit")}
+    assert by_plan["resident"].host_bytes == 0  # everything on the GPU; backups only for LoRAs
+    assert by_plan["resident"].lora_backup_bytes == 2 * sizes.transformer
+    assert by_plan["swap"].host_bytes == 2 * sizes.transformer and by_plan["swap"].lora_backup_bytes == 0
+    # the bf16 originals of both, the waiting variant's 8-bit codes, T5
+    assert by_plan["8bit"].host_bytes == 2 * sizes.transformer + sizes.transformer_8bit + sizes.t5
+    assert "host memory about 64 GiB" in by_plan["8bit"].describe()
+
+
+def test_a_host_shorter_than_the_plan_is_warned_about(monkeypatch, caplog):
+    import logging
+
+    import flux.loading
+
+    monkeypatch.setattr(flux.loading, "available_host_bytes", lambda: 16 * GiB)
+    with caplog.at_level(logging.WARNING):
+        flux.loading.warn_if_host_memory_short(choose_plan(None, BOTH, forced="8bit"))
+    assert "keeps about 64 GiB in host memory and 16 GiB is available" in caplog.text
