@@ -105,3 +105,34 @@ def test_a_host_shorter_than_the_plan_is_warned_about(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         flux.loading.warn_if_host_memory_short(choose_plan(None, BOTH, forced="8bit"))
     assert "keeps about 64 GiB in host memory and 16 GiB is available" in caplog.text
+
+
+def fake_gpu(monkeypatch, gpu, fraction: float = 1.0):
+    """torch.cuda answering as `gpu` would (the setup path reads only these)."""
+    import torch
+
+    total = gpu.total_mib * 2**20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gpu.free_bytes, total))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: fraction)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9) if gpu.fp8 else (8, 6))
+
+
+def test_setup_reads_the_gpu_and_refuses_a_t4_before_loading_anything(monkeypatch):
+    import torch
+
+    from flux.loading import plan_for
+
+    cuda = torch.device("cuda")
+    fake_gpu(monkeypatch, BY_NAME["RTX 4090 24 GB"])
+    plan = plan_for(cuda, BOTH, training=False)
+    assert (plan.name, plan.storage, plan.free_bytes) == ("8bit", "fp8", BY_NAME["RTX 4090 24 GB"].free_bytes)
+    fake_gpu(monkeypatch, BY_NAME["A10 24 GB"])
+    assert plan_for(cuda, ("dev",), training=True).storage == "int8"
+    # An H200 capped to 40 GB (how the GPU run emulates smaller cards) plans for 40 GB.
+    h200 = BY_NAME["H200 141 GB"]
+    fake_gpu(monkeypatch, h200, fraction=40960 / h200.total_mib)
+    assert plan_for(cuda, BOTH, training=False).name == "swap"
+    fake_gpu(monkeypatch, BY_NAME["T4 16 GB"])
+    with pytest.raises(NotEnoughMemory, match="14.5 GiB of its memory is free.*smallest GPU that works is A10"):
+        plan_for(cuda, ("dev",), training=False)
