@@ -65,6 +65,7 @@ def _recording_loader(seen):
     class Models:
         transformers: dict = {}
         device = torch.device("cpu")
+        placement = None  # what load_flux sets: no memory plan here
 
     def load(variants):
         seen.append(torch.backends.cuda.cudnn_sdp_enabled())

@@ -105,3 +105,29 @@ def test_an_unknown_plan_fails_setup_naming_the_setting(tiny_env, tmp_path):
             pass
     message = str(failure.value) + (tmp_path / "server.log").read_text()
     assert "FLUX_MEMORY_PLAN" in message and "auto or one of: resident, swap, 8bit" in message
+
+
+@pytest.mark.slow  # a trainer server of its own (~40 s)
+def test_training_on_the_8bit_base_through_cog_gives_a_lora_predict_takes(predict_server, tiny_env, tmp_path):
+    """FLUX_MEMORY_PLAN=8bit in the trainer (the 24 GB cards' plan): the tar's LoRA draws in predict
+    (on the bf16 base) as a LoRA trained on the bf16 base does."""
+    from cog_local import run_job
+    from test_training_server import zip_data_url
+
+    env = {**tiny_env, "FLUX_MEMORY_PLAN": "8bit", "LORA_PREVIEW_STEPS": "1"}
+    inputs = {
+        "input_images": zip_data_url(tmp_path),
+        "steps": 4,
+        "resolution": "256",
+        "seed": 1,
+        "learning_rate": 1e-2,
+    }
+    with cog_server("train", env=env, log_path=tmp_path / "train.log") as url:
+        trained = run_job(url, "train", inputs, timeout=600)
+    assert trained["status"] == "succeeded", trained.get("error")
+    log = (tmp_path / "train.log").read_text()
+    assert "memory plan 8bit" in log and "t5 moved to the GPU" in log and "t5 back in host memory" in log
+    request = {**CALL, "model": "dev", "prompt": "a TOK square"}
+    base = image_bytes(predict_server.predict(**request))
+    with_lora = image_bytes(predict_server.predict(**request, lora_weights=trained["output"]["weights"]))
+    assert with_lora != base
