@@ -98,6 +98,7 @@ def test_the_8bit_plan_keeps_its_base_exact_across_switches(predict_server, lora
     assert "T5 in host memory, moved in for the prompt" in log and "t5 moved to the GPU" in log
 
 
+@pytest.mark.slow  # a server start that fails (~10 s); tests/test_memory_plan.py checks the message itself
 def test_an_unknown_plan_fails_setup_naming_the_setting(tiny_env, tmp_path):
     server, _ = plan_server("offload", tiny_env, tmp_path)
     with pytest.raises(RuntimeError, match="setup failed") as failure:
