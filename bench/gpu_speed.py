@@ -22,7 +22,9 @@ command (carry both; pip install the wheels into /tmp/site, then this script wit
 
 Training (bench/gpu_train.py, last): the project's loop (train_lora, default optimizer adamw8bit) at
 512x512 and 1024x1024, gradient checkpointing off and on, step time and peak memory, beside the peft
-baseline's training steps from the same run. --train-only runs the baseline and training alone.
+baseline's training steps from the same run. --train-only runs the baseline and training alone;
+--plans-only the baseline and the memory plan rows (bench/gpu_memory_plans.py), which the whole run
+reaches only with budget to spare.
 
 Results are written to DIR/gpu_speed.json before every section and at the end (a run stopped by its
 timeout keeps what it had); a section that fails is recorded and the next one runs; torch.compile
@@ -598,6 +600,7 @@ def main() -> None:
     )
     parser.add_argument("--no-train", action="store_true", help="skip the training section")
     parser.add_argument("--no-plans", action="store_true", help="skip the memory plan rows")
+    parser.add_argument("--plans-only", action="store_true", help="baseline + the memory plan rows")
     parser.add_argument(
         "--train-only", action="store_true", help="baseline + training only (no inference models)"
     )
@@ -618,6 +621,9 @@ def main() -> None:
     try:
         if args.train_only:
             bench.attempt("training", train_section, bench, None, FULL["transformer"])
+            return
+        if args.plans_only:
+            bench.attempt("memory plans", plans_section, bench, None, FULL["transformer"])
             return
         models = build_models(bench)
         bench.log("built models", f"{bench.results['build_s']:.1f} s")
