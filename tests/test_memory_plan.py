@@ -115,7 +115,9 @@ def fake_gpu(monkeypatch, gpu, fraction: float = 1.0):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gpu.free_bytes, total))
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: fraction)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9) if gpu.fp8 else (8, 6))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda device=None: (8, 9) if gpu.fp8 else (8, 6)
+    )
 
 
 def test_setup_reads_the_gpu_and_refuses_a_t4_before_loading_anything(monkeypatch):
@@ -134,5 +136,7 @@ def test_setup_reads_the_gpu_and_refuses_a_t4_before_loading_anything(monkeypatc
     fake_gpu(monkeypatch, h200, fraction=40960 / h200.total_mib)
     assert plan_for(cuda, BOTH, training=False).name == "swap"
     fake_gpu(monkeypatch, BY_NAME["T4 16 GB"])
-    with pytest.raises(NotEnoughMemory, match="14.5 GiB of its memory is free.*smallest GPU that works is A10"):
+    with pytest.raises(
+        NotEnoughMemory, match="14.5 GiB of its memory is free.*smallest GPU that works is A10"
+    ):
         plan_for(cuda, ("dev",), training=False)
