@@ -29,7 +29,8 @@ ENV_PLAN = "FLUX_MEMORY_PLAN"
 PLAN_NAMES = ("resident", "swap", "8bit")
 GiB = 2**30
 # Left free beyond the weights for a request: the transformer's activations for up to 4 images of
-# 1440x1440 and the VAE decode (one image at a time outside `resident`), with the allocator's slack.
+# 1440x1440, the VAE decode (one image at a time outside `resident`), the safety checker (a ViT-base,
+# 0.2 GB) and the allocator's slack.
 INFERENCE_HEADROOM = 6 * GiB
 # While T5 encodes a prompt (its activations at 512 tokens are tens of MB).
 ENCODE_HEADROOM = 1 * GiB
