@@ -69,7 +69,12 @@ def generate(models: FluxModels, request: GenerationRequest) -> GenerationResult
         models.fast = setup_fast(models.transformers, models.device)
     # A CPU generator gives the same noise on every device, so a seed means the same image everywhere.
     generator = torch.Generator("cpu").manual_seed(seed)
-    with torch.inference_mode(), models.fast.session(variant.name, request.go_fast):
+    # The VAE and CLIP are on the GPU for the whole request unless the plan parks them (training's).
+    with (
+        torch.inference_mode(),
+        models.visiting("vae", "clip"),
+        models.fast.session(variant.name, request.go_fast),
+    ):
         prompt_embeds, pooled = prompt_embeddings(models, pipe, request)
         with step_caching(pipe.transformer, request.step_cache, request.transformer_calls) as cache_report:
             output = pipe(

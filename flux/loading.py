@@ -56,9 +56,9 @@ class FluxModels:
             self.placement.bring_in(variant.name)
         return self.transformers[variant.name]
 
-    def visiting(self, name: str):
-        """A context with component `name` ("t5") on the device, for its stage of the work."""
-        return self.placement.visiting(name) if self.placement is not None else nullcontext()
+    def visiting(self, *names: str):
+        """A context with components `names` ("t5", "clip", "vae") on the device, for their stage."""
+        return self.placement.visiting(*names) if self.placement is not None else nullcontext()
 
 
 def default_device() -> torch.device:
@@ -114,9 +114,9 @@ def load_flux(
     models = FluxModels(
         tokenizer=AutoTokenizer.from_pretrained(shared / "tokenizer", local_files_only=True),
         tokenizer_2=AutoTokenizer.from_pretrained(shared / "tokenizer_2", local_files_only=True),
-        text_encoder=place("clip", load(CLIPTextModel, shared, "text_encoder"), True),
+        text_encoder=place("clip", load(CLIPTextModel, shared, "text_encoder"), plan.vae_and_clip_on_gpu),
         text_encoder_2=place("t5", load(T5EncoderModel, shared, "text_encoder_2"), plan.t5_on_gpu),
-        vae=place("vae", load(AutoencoderKL, shared, "vae"), True),
+        vae=place("vae", load(AutoencoderKL, shared, "vae"), plan.vae_and_clip_on_gpu),
         transformers={
             v.name: place_transformer(
                 load(FluxTransformer2DModel, folders[v.name], "transformer"), v.name, plan, placement
@@ -142,9 +142,9 @@ def apply_plan(models: FluxModels, plan: MemoryPlan, fast: bool = True) -> FluxM
     log.info("%s", plan.describe())
     placement = Placement(models.device, plan.transformers_on_gpu)
     for name, module, on_device in (
-        ("clip", models.text_encoder, True),
+        ("clip", models.text_encoder, plan.vae_and_clip_on_gpu),
         ("t5", models.text_encoder_2, plan.t5_on_gpu),
-        ("vae", models.vae, True),
+        ("vae", models.vae, plan.vae_and_clip_on_gpu),
     ):
         placement.add(name, module.to(models.device) if on_device else module, on_device)
     for name, transformer in models.transformers.items():

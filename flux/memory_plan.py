@@ -9,8 +9,8 @@ Three plans, tried from the fastest down; the first whose peak fits the free mem
               fp8 units, else int8; the exact bf16 originals in host memory for LoRA fusing), T5 in
               host memory and moved in for the prompt (24 GB cards)
 
-Training tries `resident` (the bf16 base) and then `8bit`; the encoders leave the GPU once the
-training cache is built, as before.
+Training tries `resident` (the bf16 base) and then `8bit`; T5, CLIP and the VAE wait in host memory
+and visit the GPU to build the training cache and for the previews' prompts and decoding.
 
 The sizes are FLUX.1's own, counted from its published configs (flux/full_size.py); the activation
 headrooms are estimates that the GPU run checks (bench/gpu_memory_plans.py). FLUX_MEMORY_PLAN forces
@@ -58,6 +58,7 @@ class MemoryPlan:
     transformers_on_gpu: int  # at most this many variants' transformers on the GPU at once
     storage: str  # the transformers' block Linears on the GPU: "bf16", "fp8" or "int8"
     t5_on_gpu: bool  # False: T5 waits in host memory and comes in for the prompt
+    vae_and_clip_on_gpu: bool  # False (training): they come in for the cache and the previews
     training: bool
     peak_bytes: int  # the estimate the plan was chosen by
     free_bytes: int | None  # what the GPU had free (None: not a GPU)
@@ -82,6 +83,7 @@ class MemoryPlan:
             f"block Linears in {self.storage}"
             + (" (bf16 originals in host memory)" if self.eight_bit else ""),
             "T5 on the GPU" if self.t5_on_gpu else "T5 in host memory, moved in for the prompt",
+            *([] if self.vae_and_clip_on_gpu else ["VAE and CLIP in host memory, moved in for their stage"]),
             f"peak about {self.peak_bytes / GiB:.1f} GiB",
             f"host memory about {self.host_bytes / GiB:.0f} GiB"
             + (
@@ -173,6 +175,7 @@ def choose_plan(
             transformers_on_gpu=on_gpu,
             storage=("fp8" if has_fp8 else "int8") if name == "8bit" else "bf16",
             t5_on_gpu=t5_on_gpu,
+            vae_and_clip_on_gpu=not training,
             training=training,
             peak_bytes=peak,
             free_bytes=free_bytes,

@@ -82,16 +82,18 @@ class Placement:
         return name in self._resident or name in self._masters or name in self._transformer_order
 
     @contextmanager
-    def visiting(self, name: str) -> Iterator[None]:
-        """The component on the device inside (moved in and out again if it waits in host memory)."""
-        if self.on_device(name):
-            yield
-            return
-        self._move_in(name)
+    def visiting(self, *names: str) -> Iterator[None]:
+        """The components on the device inside (those waiting in host memory moved in, and out after)."""
+        moved = []
         try:
+            for name in names:
+                if not self.on_device(name):
+                    self._move_in(name)
+                    moved.append(name)
             yield
         finally:
-            self._move_out(name)
+            for name in reversed(moved):
+                self._move_out(name)
 
     def bring_in(self, name: str) -> None:
         """Put a transformer on the device to stay, evicting the least recently used one if the plan

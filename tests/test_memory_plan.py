@@ -41,6 +41,7 @@ def test_each_gpu_gets_its_plan_and_the_plan_fits(gpu_name):
         assert plan.peak_bytes <= gpu.free_bytes
         assert plan.storage == ("bf16" if expected != "8bit" else "fp8" if gpu.fp8 else "int8")
         assert plan.t5_on_gpu == (expected != "8bit" and not train)
+        assert plan.vae_and_clip_on_gpu == (not train)  # training parks them once the cache is built
         assert plan.transformers_on_gpu == (len(variants) if expected == "resident" and not train else 1)
 
 

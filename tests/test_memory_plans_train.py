@@ -22,8 +22,7 @@ META = torch.device("meta")
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("storage", ["fp8", "int8"])
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize(("storage", "checkpointing"), [("fp8", False), ("int8", True)])
 def test_lora_step_on_an_eight_bit_base_runs_on_the_device(storage, checkpointing):
     transformer = build_transformer(guidance_embeds=True, seed=0).requires_grad_(False)
     store_in_eight_bit(transformer, storage, home=META, work=CPU)
@@ -50,7 +49,7 @@ def test_lora_step_on_an_eight_bit_base_runs_on_the_device(storage, checkpointin
 def test_the_training_job_on_an_eight_bit_base_exports_a_lora_for_the_bf16_base(
     tmp_path, offline_tiny_environment
 ):
-    """The 8bit training plan through run_training (T5 visiting for the captions and the preview):
+    """The training plans through run_training (T5, CLIP and the VAE visiting for the cache and the preview):
     the tar's LoRA has the same modules and shapes as one trained on the unquantized base, and
     differs from it only as much as the base does."""
     data_zip = make_zip(tmp_path / "data.zip")
@@ -60,7 +59,8 @@ def test_the_training_job_on_an_eight_bit_base_exports_a_lora_for_the_bf16_base(
     for name in ("resident", "8bit"):
         plan = choose_plan(None, ("dev",), training=True, has_fp8=True, forced=name)
         models = load_flux(("dev",), device=CPU, fast=False, training=True, plan=plan)
-        assert not plan.t5_on_gpu and not models.placement.on_device("t5")
+        assert not plan.t5_on_gpu and not plan.vae_and_clip_on_gpu
+        assert not any(models.placement.on_device(name) for name in ("t5", "clip", "vae"))
         tar_path = run_training(config, data_zip, tmp_path / name, models=models, previews=previews)
         with tarfile.open(tar_path) as tar:
             assert "previews/preview-0.webp" in tar.getnames()

@@ -95,20 +95,21 @@ def build_cache(
     # VAE at 1024x1024 goes two at a time): one at a time, the encoders' kernel launches made caching
     # flux-mini's 8,000 images take over a minute on a GPU.
     runs = _runs(samples, lambda s: (s.width, s.height), lambda s: ENCODE_PIXELS // (s.width * s.height))
-    for numbers in _share(runs, processes):
-        pixels = [
-            image_to_pixels(fit_to_bucket(images[samples[n].index], samples[n].width, samples[n].height))
-            for n in numbers
-        ]
-        for number, encoded in zip(numbers, encode_latents(models.vae, torch.stack(pixels)), strict=True):
-            latents.put(str(number), {"latents": encoded})
+    with models.visiting("vae"):  # moved in for the latents (training's plans keep it in host memory)
+        for numbers in _share(runs, processes):
+            pixels = [
+                image_to_pixels(fit_to_bucket(images[samples[n].index], samples[n].width, samples[n].height))
+                for n in numbers
+            ]
+            for number, encoded in zip(numbers, encode_latents(models.vae, torch.stack(pixels)), strict=True):
+                latents.put(str(number), {"latents": encoded})
     log.info("cached %d latents%s", len(samples), " on disk" if folder else "")
 
     class_captions = [caption for per_image in preserved_captions or [] for caption in per_image]
     distinct = list(dict.fromkeys([*captions, dropout_caption, *class_captions]))
     number_of = {text: i for i, text in enumerate(distinct)}
     pipe = _text_pipeline(models)
-    with torch.no_grad(), models.visiting("t5"):  # moved in for the captions if the plan keeps it out
+    with torch.no_grad(), models.visiting("clip", "t5"):  # moved in for the captions (training's plans)
         for numbers in _share(_runs(distinct, lambda _: 0, lambda _: ENCODE_BATCH), processes):
             batch = [distinct[n] for n in numbers]
             prompt, pooled, _ = pipe.encode_prompt(
@@ -165,12 +166,11 @@ def _text_pipeline(models: FluxModels):
 
 
 def move_encoders(models: FluxModels, device: torch.device | str) -> None:
-    """Move the VAE and both text encoders (off the accelerator during the loop, back for previews)."""
-    if models.device.type == "cpu":
+    """Move the VAE and both text encoders (off the accelerator during the loop, back for previews) of
+    models built by hand; under a memory plan (load_flux) they wait in host memory and visit by themselves."""
+    if models.device.type == "cpu" or models.placement is not None:
         return
-    # T5 where the memory plan keeps it in host memory stays there: it visits the GPU for each prompt.
-    t5_moves = models.placement is None or models.placement.on_device("t5")
-    for module in (models.vae, models.text_encoder, *([models.text_encoder_2] if t5_moves else [])):
+    for module in (models.vae, models.text_encoder, models.text_encoder_2):
         module.to(device)
     if torch.device(device).type == "cpu":
         torch.cuda.empty_cache()
