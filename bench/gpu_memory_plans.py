@@ -53,7 +53,8 @@ def one_row(
     bench, architecture: dict, total_mib: int, expected: tuple[str, str], storage: str | None
 ) -> dict:
     """expected: the plans setup and training should choose (forced on the CPU, where nothing is capped)."""
-    from flux.loading import apply_plan, gpu_free_bytes
+    from flux.gpu_memory import gpu_free_bytes
+    from flux.loading import apply_plan
     from flux.memory_plan import choose_plan
 
     expected, expected_training = expected
@@ -128,7 +129,8 @@ def training_row(bench, architecture: dict, cap: int | None, expected: str, stor
     """The card's training plan and one real LoRA step (the loop's own rule picks checkpointing)."""
     from gpu_train import build_dev_transformer, one_case
 
-    from flux.loading import gpu_free_bytes, place_transformer
+    from flux.gpu_memory import gpu_free_bytes
+    from flux.loading import place_transformer
     from flux.memory_plan import choose_plan
     from flux.placement import Placement
 

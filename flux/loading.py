@@ -13,8 +13,8 @@ from flux.eight_bit import EightBitLinear, Fp8Storage, store_in_eight_bit
 from flux.embeddings import PromptEmbeddingCache
 from flux.fast.capability import FastSupport, detect_fast_support
 from flux.fast.path import FastPath, setup_fast
-from flux.host_memory import available_host_bytes
-from flux.memory_plan import ENV_PLAN, MemoryPlan, choose_plan, forced_plan
+from flux.gpu_memory import plan_for, warn_if_host_memory_short
+from flux.memory_plan import MemoryPlan
 from flux.placement import Placement
 from flux.variants import VariantSpec, get_variant
 from weights.base_models import resolve_base_weights
@@ -198,51 +198,6 @@ def place_transformer(
         transformer.to(device)
     placement.add(name, transformer, on_device=not plan.swaps, transformer=True)
     return transformer
-
-
-def plan_for(device: torch.device, variants: tuple[str, ...], training: bool) -> MemoryPlan:
-    """The memory plan for this device: chosen from its free memory on a GPU (FLUX_MEMORY_PLAN forces
-    one); elsewhere (the CPU, tests' meta device) there is nothing to measure and the forced or
-    `resident` plan is used."""
-    forced = forced_plan()
-    if device.type != "cuda":
-        return choose_plan(None, variants, training, forced=forced)
-    capability = torch.cuda.get_device_capability(device)
-    free = gpu_free_bytes(device)
-    plan = choose_plan(free, variants, training, has_fp8=capability >= (8, 9), forced=forced)
-    if plan.peak_bytes > free:  # only a forced plan gets here: the estimate is conservative, so try it
-        log.warning(
-            "%s=%s needs about %.1f GiB by the estimate and %.1f GiB is free: it may run out of memory",
-            ENV_PLAN,
-            plan.name,
-            plan.peak_bytes / 2**30,
-            free / 2**30,
-        )
-    return plan
-
-
-def warn_if_host_memory_short(plan: MemoryPlan) -> None:
-    """The plan keeps weights in host memory: say so at setup if the machine has less available (the
-    system would swap, or its out-of-memory killer end the worker)."""
-    available = available_host_bytes()
-    if available is not None and plan.host_bytes > available:
-        log.warning(
-            "memory plan %s keeps about %.0f GiB in host memory and %.0f GiB is available: expect "
-            "swapping, or load fewer variants (FLUX_VARIANTS)",
-            plan.name,
-            plan.host_bytes / 2**30,
-            available / 2**30,
-        )
-
-
-def gpu_free_bytes(device: torch.device) -> int:
-    """Free memory this process may use: the driver's free memory, or less under
-    torch.cuda.set_per_process_memory_fraction (how the GPU run emulates smaller cards)."""
-    free, total = torch.cuda.mem_get_info(device)
-    capped = int(torch.cuda.get_per_process_memory_fraction(device) * total) - torch.cuda.memory_reserved(
-        device
-    )
-    return min(free, capped)
 
 
 def _scheduler_config(folder: Path) -> dict:

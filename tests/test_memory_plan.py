@@ -100,11 +100,11 @@ def test_host_memory_each_plan_keeps():
 def test_a_host_shorter_than_the_plan_is_warned_about(monkeypatch, caplog):
     import logging
 
-    import flux.loading
+    import flux.gpu_memory
 
-    monkeypatch.setattr(flux.loading, "available_host_bytes", lambda: 16 * GiB)
+    monkeypatch.setattr(flux.gpu_memory, "available_host_bytes", lambda: 16 * GiB)
     with caplog.at_level(logging.WARNING):
-        flux.loading.warn_if_host_memory_short(choose_plan(None, BOTH, forced="8bit"))
+        flux.gpu_memory.warn_if_host_memory_short(choose_plan(None, BOTH, forced="8bit"))
     assert "keeps about 64 GiB in host memory and 16 GiB is available" in caplog.text
 
 
@@ -124,7 +124,7 @@ def fake_gpu(monkeypatch, gpu, fraction: float = 1.0):
 def test_setup_reads_the_gpu_and_refuses_a_t4_before_loading_anything(monkeypatch):
     import torch
 
-    from flux.loading import plan_for
+    from flux.gpu_memory import plan_for
 
     cuda = torch.device("cuda")
     fake_gpu(monkeypatch, BY_NAME["RTX 4090 24 GB"])
