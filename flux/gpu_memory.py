@@ -7,22 +7,26 @@ import logging
 
 import torch
 
+from flux.fast.path import fast_mode
 from flux.host_memory import available_host_bytes
 from flux.memory_plan import ENV_PLAN, MemoryPlan, choose_plan, forced_plan
 
 log = logging.getLogger(__name__)
 
 
-def plan_for(device: torch.device, variants: tuple[str, ...], training: bool) -> MemoryPlan:
+def plan_for(
+    device: torch.device, variants: tuple[str, ...], training: bool, fast: bool = True
+) -> MemoryPlan:
     """The memory plan for this device: chosen from its free memory on a GPU (FLUX_MEMORY_PLAN forces
     one); elsewhere (the CPU, tests' meta device) there is nothing to measure and the forced or
     `resident` plan is used."""
     forced = forced_plan()
+    go_fast = fast and fast_mode() != "off"
     if device.type != "cuda":
-        return choose_plan(None, variants, training, forced=forced)
+        return choose_plan(None, variants, training, forced=forced, go_fast=go_fast)
     capability = torch.cuda.get_device_capability(device)
     free = gpu_free_bytes(device)
-    plan = choose_plan(free, variants, training, has_fp8=capability >= (8, 9), forced=forced)
+    plan = choose_plan(free, variants, training, has_fp8=capability >= (8, 9), forced=forced, go_fast=go_fast)
     if plan.peak_bytes > free:  # only a forced plan gets here: the estimate is conservative, so try it
         log.warning(
             "%s=%s needs about %.1f GiB by the estimate and %.1f GiB is free: it may run out of memory",

@@ -89,7 +89,7 @@ def load_flux(
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     variants = [get_variant(name, "FLUX_VARIANTS") for name in variant_names]
-    plan = plan or plan_for(device, tuple(v.name for v in variants), training)
+    plan = plan or plan_for(device, tuple(v.name for v in variants), training, fast)
     log.info("%s", plan.describe())
     if device.type == "cuda":  # the estimates are FLUX.1's: on a GPU the model is FLUX.1
         warn_if_host_memory_short(plan)

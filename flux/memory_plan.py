@@ -49,6 +49,7 @@ class ComponentSizes:
     t5: int
     clip: int
     vae: int
+    fp8_copies: int  # go_fast's fp8 copies of one transformer's block Linears (flux/fast/targets.py)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class MemoryPlan:
     free_bytes: int | None  # what the GPU had free (None: not a GPU)
     host_bytes: int = 0  # host memory the plan keeps (masters, 8-bit originals, T5), LoRA backups aside
     lora_backup_bytes: int = 0  # at most, with LoRAs touching every block Linear of every variant
+    go_fast: str = "off"  # what go_fast requests run under this plan, in words (setup confirms it)
 
     @property
     def eight_bit(self) -> bool:
@@ -94,6 +96,7 @@ class MemoryPlan:
         ]
         if self.free_bytes is not None:
             parts.append(f"{self.free_bytes / GiB:.1f} GiB free")
+        parts.append(f"go_fast: {self.go_fast}")
         return "; ".join(parts)
 
 
@@ -102,6 +105,7 @@ def flux_sizes() -> ComponentSizes:
     """FLUX.1's sizes, counted on the meta device (shapes only): bf16 is 2 bytes a parameter; 8-bit
     storage is 1 byte a weight of every block Linear plus a float32 scale a row."""
     from flux.eight_bit import storage_targets
+    from flux.fast.targets import planned_fp8_bytes
     from flux.full_size import full_size_module
 
     def bf16(module) -> int:
@@ -116,6 +120,7 @@ def flux_sizes() -> ComponentSizes:
         t5=bf16(full_size_module("t5")),
         clip=bf16(full_size_module("clip")),
         vae=bf16(full_size_module("vae")),
+        fp8_copies=planned_fp8_bytes(transformer),
     )
 
 
@@ -149,6 +154,31 @@ def plan_host(name: str, sizes: ComponentSizes, variants: int, training: bool = 
     return variants * sizes.transformer + waiting * sizes.transformer_8bit + sizes.t5, 0
 
 
+def go_fast_under(
+    name: str, sizes: ComponentSizes, variants: int, free: int | None, peak: int, has_fp8: bool
+) -> str:
+    """What go_fast does under a plan: fp8 copies beside the bf16 weights where they fit with
+    flux/fast/path.py's headroom (the rule setup_fast applies, measuring), fp8 products on fp8-stored
+    weights under 8bit, else the standard path."""
+    from flux.fast.path import HEADROOM_BYTES
+
+    if not has_fp8:
+        return "the standard path (no fp8 units)"
+    if name == "8bit":
+        return "fp8 products on the stored fp8 weights (no copies, not compiled)"
+    if name == "swap":
+        return "the standard path (no room for fp8 copies beside the bf16 transformer)"
+    if free is None:
+        return "fp8 copies + compiled blocks where they fit"
+    loaded = peak - INFERENCE_HEADROOM  # the weights
+    copies = 0
+    while copies < variants and free - loaded - (copies + 1) * sizes.fp8_copies >= HEADROOM_BYTES:
+        copies += 1
+    if copies == 0:
+        return "the standard path (no room for fp8 copies)"
+    return f"fp8 copies + compiled blocks for {copies} of {variants} variant{'s' if variants > 1 else ''}"
+
+
 def choose_plan(
     free_bytes: int | None,
     variants: tuple[str, ...],
@@ -156,8 +186,12 @@ def choose_plan(
     has_fp8: bool = False,
     forced: str | None = None,
     sizes: ComponentSizes | None = None,
+    go_fast: bool = True,
 ) -> MemoryPlan:
     """The fastest plan that fits `free_bytes` (None: no GPU, everything `resident` on the device).
+
+    go_fast: whether setup prepares go_fast (FLUX_FAST is not off; training never does); the plan
+    says what it will do.
 
     forced: a plan name (FLUX_MEMORY_PLAN); it is used even if the estimate says it will not fit
     (with a warning from the caller), because the estimate is conservative.
@@ -181,6 +215,9 @@ def choose_plan(
             free_bytes=free_bytes,
             host_bytes=host,
             lora_backup_bytes=backups,
+            go_fast=go_fast_under(name, sizes, len(variants), free_bytes, peak, has_fp8)
+            if go_fast and not training
+            else "off",
         )
     smallest_peak = min(plan_peak(name, sizes, len(variants), training)[0] for name in names)
     raise NotEnoughMemory(free_bytes or 0, smallest_peak, smallest_gpu(len(variants), training, sizes))

@@ -136,8 +136,30 @@ def test_setup_reads_the_gpu_and_refuses_a_t4_before_loading_anything(monkeypatc
     h200 = BY_NAME["H200 141 GB"]
     fake_gpu(monkeypatch, h200, fraction=40960 / h200.total_mib)
     assert plan_for(cuda, BOTH, training=False).name == "swap"
+    monkeypatch.setenv("FLUX_FAST", "off")
+    assert plan_for(cuda, BOTH, training=False).go_fast == "off"
     fake_gpu(monkeypatch, BY_NAME["T4 16 GB"])
     with pytest.raises(
         NotEnoughMemory, match="14.5 GiB of its memory is free.*smallest GPU that works is A10"
     ):
         plan_for(cuda, ("dev",), training=False)
+
+
+@pytest.mark.parametrize(
+    ("gpu_name", "variants", "expected"),
+    [
+        ("H200 141 GB", BOTH, "fp8 copies + compiled blocks for 2 of 2 variants"),
+        ("H100 80 GB", BOTH, "fp8 copies + compiled blocks for 1 of 2 variants"),  # today's, as README said
+        ("A100 80 GB", BOTH, "the standard path (no fp8 units)"),
+        ("L40S 48 GB", ("dev",), "the standard path (no room for fp8 copies)"),
+        ("L40S 48 GB", BOTH, "the standard path (no room for fp8 copies beside the bf16 transformer)"),
+        ("RTX 4090 24 GB", BOTH, "fp8 products on the stored fp8 weights (no copies, not compiled)"),
+        ("A10 24 GB", BOTH, "the standard path (no fp8 units)"),
+    ],
+)
+def test_the_plan_says_what_go_fast_does(gpu_name, variants, expected):
+    gpu = BY_NAME[gpu_name]
+    plan = choose_plan(gpu.free_bytes, variants, has_fp8=gpu.fp8)
+    assert plan.go_fast == expected and plan.describe().endswith(f"go_fast: {expected}")
+    assert choose_plan(gpu.free_bytes, variants, has_fp8=gpu.fp8, go_fast=False).go_fast == "off"
+    assert choose_plan(gpu.free_bytes, ("dev",), training=True, has_fp8=gpu.fp8).go_fast == "off"
