@@ -77,7 +77,7 @@ class MemoryPlan:
 
     def describe(self) -> str:
         """The one line setup logs."""
-        where = "both transformers" if len(self.variants) > 1 else "the transformer"
+        where = ("both transformers" if len(self.variants) > 1 else "the transformer") + " on the GPU"
         if self.swaps:
             where = f"{self.transformers_on_gpu} transformer on the GPU, the other in host memory (swapped on model change)"
         parts = [
