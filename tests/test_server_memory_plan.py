@@ -85,6 +85,7 @@ def test_the_swap_plan_draws_what_the_resident_plan_draws(predict_server, lora_f
     assert "schnell moved to the GPU" in log and "dev back in host memory" in log
 
 
+@pytest.mark.slow  # a server of its own (~30 s); the same switches run in-process in test_memory_plans_run.py
 def test_the_8bit_plan_keeps_its_base_exact_across_switches(predict_server, lora_files, tiny_env, tmp_path):
     server, client_class = plan_server("8bit", tiny_env, tmp_path)
     with server as url:
