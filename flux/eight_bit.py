@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 
 from flux.fast.fp8 import FP8, FP8_MAX, emulated_linear, fp8_linear
-from flux.fast.targets import repeated_blocks
+from flux.fast.targets import block_linears
 
 INT8_MAX = 127.0
 STORAGE_DTYPES = {"fp8": FP8, "int8": torch.int8}
@@ -26,15 +26,7 @@ STORAGE_DTYPES = {"fp8": FP8, "int8": torch.int8}
 
 def storage_targets(transformer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """Full name -> every nn.Linear inside the repeated blocks (99.4 % of FLUX.1's weights)."""
-    block_ids = {id(b) for b in repeated_blocks(transformer)}
-    targets: dict[str, torch.nn.Linear] = {}
-    for block_name, block in transformer.named_modules():
-        if id(block) not in block_ids:
-            continue
-        for child, module in block.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                targets[f"{block_name}.{child}"] = module
-    return targets
+    return block_linears(transformer)
 
 
 @torch.no_grad()

@@ -25,22 +25,27 @@ def repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in transformer.modules() if type(m).__name__ in classes]
 
 
-def fp8_targets(transformer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """Full name -> plain nn.Linear that gets an fp8 copy, in module order (before FastTransformer
-    installs Fp8Linear: the installed ones are no longer plain Linears and are not listed again)."""
+def block_linears(transformer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """Full name -> every nn.Linear (subclasses included) inside the repeated blocks, in module order."""
     block_ids = {id(b) for b in repeated_blocks(transformer)}
-    targets: dict[str, torch.nn.Linear] = {}
+    linears: dict[str, torch.nn.Linear] = {}
     for block_name, block in transformer.named_modules():
         if id(block) not in block_ids:
             continue
         for child_path, linear in block.named_modules():
-            if (
-                type(linear) is torch.nn.Linear
-                and not child_path.endswith(SKIPPED_PARTS)
-                and fits_fp8(linear)
-            ):
-                targets[f"{block_name}.{child_path}"] = linear
-    return targets
+            if isinstance(linear, torch.nn.Linear):
+                linears[f"{block_name}.{child_path}"] = linear
+    return linears
+
+
+def fp8_targets(transformer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """Full name -> plain nn.Linear that gets an fp8 copy, in module order (before FastTransformer
+    installs Fp8Linear: the installed ones are no longer plain Linears and are not listed again)."""
+    return {
+        name: linear
+        for name, linear in block_linears(transformer).items()
+        if type(linear) is torch.nn.Linear and not name.endswith(SKIPPED_PARTS) and fits_fp8(linear)
+    }
 
 
 def fp8_copy_bytes_of(linear: torch.nn.Linear) -> int:
