@@ -106,17 +106,15 @@ def load_flux(
         )
         return model.eval().requires_grad_(False)
 
-    def place(name: str, module: torch.nn.Module, on_device: bool) -> torch.nn.Module:
-        placement.add(name, module.to(device) if on_device else module, on_device)
-        return module
-
     # Each component is placed as soon as it is loaded: host memory holds one at a time (and what the plan keeps there).
     models = FluxModels(
         tokenizer=AutoTokenizer.from_pretrained(shared / "tokenizer", local_files_only=True),
         tokenizer_2=AutoTokenizer.from_pretrained(shared / "tokenizer_2", local_files_only=True),
-        text_encoder=place("clip", load(CLIPTextModel, shared, "text_encoder"), plan.vae_and_clip_on_gpu),
-        text_encoder_2=place("t5", load(T5EncoderModel, shared, "text_encoder_2"), plan.t5_on_gpu),
-        vae=place("vae", load(AutoencoderKL, shared, "vae"), plan.vae_and_clip_on_gpu),
+        text_encoder=placement.add(
+            "clip", load(CLIPTextModel, shared, "text_encoder"), plan.vae_and_clip_on_gpu
+        ),
+        text_encoder_2=placement.add("t5", load(T5EncoderModel, shared, "text_encoder_2"), plan.t5_on_gpu),
+        vae=placement.add("vae", load(AutoencoderKL, shared, "vae"), plan.vae_and_clip_on_gpu),
         transformers={
             v.name: place_transformer(
                 load(FluxTransformer2DModel, folders[v.name], "transformer"), v.name, plan, placement
@@ -146,7 +144,7 @@ def apply_plan(models: FluxModels, plan: MemoryPlan, fast: bool = True) -> FluxM
         ("t5", models.text_encoder_2, plan.t5_on_gpu),
         ("vae", models.vae, plan.vae_and_clip_on_gpu),
     ):
-        placement.add(name, module.to(models.device) if on_device else module, on_device)
+        placement.add(name, module, on_device)
     for name, transformer in models.transformers.items():
         place_transformer(transformer, name, plan, placement)
     models.plan, models.placement = plan, placement
@@ -194,10 +192,7 @@ def place_transformer(
         store_in_eight_bit(transformer, plan.storage, home, work)
         # LoRA fusing reads the originals from host memory, module by module
         placement.pin([m.original for m in transformer.modules() if isinstance(m, EightBitLinear)])
-    if not plan.swaps:
-        transformer.to(device)
-    placement.add(name, transformer, on_device=not plan.swaps, transformer=True)
-    return transformer
+    return placement.add(name, transformer, on_device=not plan.swaps, transformer=True)
 
 
 def _scheduler_config(folder: Path) -> dict:

@@ -32,8 +32,8 @@ class Placement:
         self.device = device
         self.transformers_on_gpu = transformers_on_gpu
         self.modules: dict[str, torch.nn.Module] = {}
-        self._masters: dict[str, list[torch.Tensor]] = {}  # host copies of the components on the device
-        self._master_of: dict[str, dict[tuple[int, str], torch.Tensor]] = {}  # the same, by slot
+        # Host copies of the components moved in, by slot (id of the owning dict, key).
+        self._masters: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
         self._resident: set[str] = set()  # on the device for good (the plan keeps them there)
         self._transformer_order: list[str] = []  # transformers on the device, least recently used first
         self.on_evict: list[Callable[[str], None]] = []
@@ -45,8 +45,13 @@ class Placement:
         self.pinned_bytes = 0
         weakref.finalize(self, unregister_all, self._pinned_pointers, unregister_host_memory)
 
-    def add(self, name: str, module: torch.nn.Module, on_device: bool, transformer: bool = False) -> None:
-        """Register a component, already where `on_device` says (a resident one stays there for good)."""
+    def add(
+        self, name: str, module: torch.nn.Module, on_device: bool, transformer: bool = False
+    ) -> torch.nn.Module:
+        """Register a component in host memory; on_device: move it to the device now (a resident one
+        stays there for good, a transformer until a swap)."""
+        if on_device:
+            module.to(self.device)
         self.modules[name] = module
         if not on_device:  # it will be copied in (and a transformer's fused LoRA restored) again and again
             self.pin([owner[key] for owner, key in _slots(module)])
@@ -54,6 +59,7 @@ class Placement:
             self._resident.add(name)
         if on_device and transformer:
             self._transformer_order.append(name)
+        return module
 
     def pin(self, tensors: list[torch.Tensor]) -> None:
         """Page-lock host tensors the GPU copies from often, so the copies run at DMA speed; where the
@@ -113,22 +119,20 @@ class Placement:
     def host_weight(self, component: str, module_name: str) -> torch.Tensor | None:
         """The exact host copy of a Linear's weight while its component is on the device (None when
         it is resident for good and so has none): the base a LoRA fuser restores from, no backup needed."""
-        master_of = self._master_of.get(component)
-        if master_of is None:
+        masters = self._masters.get(component)
+        if masters is None:
             return None
         module = self.modules[component].get_submodule(module_name)
-        host = master_of.get((id(module._parameters), "weight"))
+        host = masters.get((id(module._parameters), "weight"))
         return None if host is None else host.detach()
 
     @torch.no_grad()
     def _move_in(self, name: str) -> None:
         started = time.perf_counter()
-        masters, copies = [], {}  # copies: one device copy per host tensor, however many slots share it
-        master_of = {}
+        masters, copies = {}, {}  # copies: one device copy per host tensor, however many slots share it
         for owner, key in _slots(self.modules[name]):
             host = owner[key]
-            masters.append(host)
-            master_of[(id(owner), key)] = host
+            masters[(id(owner), key)] = host
             if id(host) not in copies:
                 # A copy even when the "device" is the host (CPU tests): fusing must never write a master.
                 data = host.detach().to(self.device, non_blocking=True, copy=True)
@@ -136,7 +140,6 @@ class Placement:
                 copies[id(host)] = torch.nn.Parameter(data, host.requires_grad) if is_param else data
             owner[key] = copies[id(host)]
         self._masters[name] = masters
-        self._master_of[name] = master_of
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the host masters must not change under a copy
         moved = sum(t.numel() * t.element_size() for t in copies.values())
@@ -147,9 +150,8 @@ class Placement:
     @torch.no_grad()
     def _move_out(self, name: str) -> None:
         masters = self._masters.pop(name)
-        self._master_of.pop(name)
-        for (owner, key), host in zip(_slots(self.modules[name]), masters, strict=True):
-            owner[key] = host
+        for owner, key in _slots(self.modules[name]):
+            owner[key] = masters[(id(owner), key)]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # give the freed blocks back for the next stage's component
         log.info("%s back in host memory", name)
