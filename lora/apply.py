@@ -116,11 +116,7 @@ class LoraFuser:
     @torch.no_grad()
     def _restore(self) -> None:
         for name in sorted(self._modified):
-            module = self._linears[name]
-            if isinstance(module, EightBitLinear):
-                module.store(module.original.to(module.codes.device))  # the same codes as at load
-            else:
-                module.weight.copy_(self._originals[name])
+            _write_weight(self._linears[name], self._originals[name])
         self._modified.clear()
 
     @torch.no_grad()
@@ -129,32 +125,48 @@ class LoraFuser:
         for _, lora, scale in chosen:
             for name, update in lora.items():
                 per_module.setdefault(name, []).append((update, scale))
-        # All first-time copies of this change in one slab per dtype, before any weight is written.
-        # 8-bit stored modules need none: their exact bf16 original is already in host memory.
-        new = {
-            name: self._linears[name].weight
-            for name in per_module
-            if name not in self._originals and not isinstance(self._linears[name], EightBitLinear)
-        }
-        for name in list(new):
-            existing = self._host_originals(name) if self._host_originals else None
+        # All first-time copies of this change in one slab per dtype, before any weight is written;
+        # none where an exact host copy of the base exists already.
+        new = {}
+        for name in per_module:
+            if name in self._originals:
+                continue
+            existing = self._existing_original(name)
             if existing is not None:
                 self._originals[name] = existing
-                del new[name]
+            else:
+                new[name] = self._linears[name].weight
         if new:
             self._originals.update(self.backups.keep(new))
         for name, updates in per_module.items():
             module = self._linears[name]
             self._modified.add(name)
-            eight_bit = isinstance(module, EightBitLinear)
             # Sum in float32 and round to the weight's dtype once: W0 + delta, not W0 + round(delta).
-            if eight_bit:  # into the bf16 original, on the codes' device; rounded to bf16, stored again
-                total = module.original.to(module.codes.device, torch.float32, copy=True)
-            else:
-                total = module.weight.to(torch.float32, copy=True)
+            total = self._base_float32(name, module)
             for update, scale in updates:
                 update.add_to(total, scale)
-            if eight_bit:
-                module.store(total.to(module.original.dtype))
-            else:
-                module.weight.copy_(total)
+            _write_weight(module, total)
+
+    def _existing_original(self, name: str) -> torch.Tensor | None:
+        """An exact host copy of a module's base weight that exists already: an 8-bit module's bf16
+        original, or the memory plan's copy of a transformer it swaps."""
+        module = self._linears[name]
+        if isinstance(module, EightBitLinear):
+            return module.original
+        return self._host_originals(name) if self._host_originals else None
+
+    def _base_float32(self, name: str, module: torch.nn.Linear) -> torch.Tensor:
+        """A float32 copy of the base weight on the module's device, to fuse into. A plain Linear holds
+        its base (restored just before); an 8-bit one's stored weight is not it: its bf16 original is."""
+        if isinstance(module, EightBitLinear):
+            return self._originals[name].to(module.codes.device, torch.float32, copy=True)
+        return module.weight.to(torch.float32, copy=True)
+
+
+def _write_weight(module: torch.nn.Linear, weight: torch.Tensor) -> None:
+    """Copy a base or fused weight into a plain Linear; into an 8-bit one, rounded to its original's
+    dtype and stored in 8 bit again (the base's own codes when `weight` is the original)."""
+    if isinstance(module, EightBitLinear):
+        module.store(weight.to(module.codes.device, module.original.dtype))
+    else:
+        module.weight.copy_(weight)
