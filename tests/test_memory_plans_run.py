@@ -7,9 +7,9 @@ exactness of LoRA switches (values needed) is checked with the CPU playing the G
 
 import pytest
 import torch
-from diffusers.image_processor import VaeImageProcessor
 from lora_fixtures import known_update, save, to_peft
 from PIL import Image
+from test_generate_meta import decoded
 
 from flux.eight_bit import EightBitLinear, quantize_weight
 from flux.generate import generate
@@ -20,6 +20,8 @@ from lora.apply import LoraFuser
 from lora.formats import LoraUpdate
 from lora.serving import LoraChoice, LoraManager
 from weights.lora_cache import LoraCache
+
+__all__ = ["decoded"]  # the fixture that replaces only tensor -> PIL
 
 META = torch.device("meta")
 CPU = torch.device("cpu")
@@ -42,19 +44,6 @@ def devices(module: torch.nn.Module) -> set[torch.device]:
 def meta_models(request, offline_tiny_environment):
     name, fp8 = request.param
     return load_flux(("dev", "schnell"), device=META, dtype=torch.bfloat16, fast=False, plan=plan(name, fp8))
-
-
-@pytest.fixture()
-def decoded(monkeypatch):
-    """Only tensor -> PIL (which needs values) is replaced; the VAE decode itself runs on meta."""
-    seen: list[torch.Tensor] = []
-
-    def postprocess(self, image, output_type="pil", do_denormalize=None):
-        seen.append(image)
-        return [Image.new("RGB", (image.shape[-1], image.shape[-2])) for _ in range(image.shape[0])]
-
-    monkeypatch.setattr(VaeImageProcessor, "postprocess", postprocess)
-    return seen
 
 
 @pytest.fixture()

@@ -6,7 +6,6 @@ addresses may take other vector paths, so equal up to float rounding); under eve
 comes back bit for bit after any LoRA and model switches; the 8bit plan draws its own base.
 """
 
-import base64
 import io
 
 import numpy as np
@@ -17,6 +16,7 @@ from lora_fixtures import known_update, to_peft
 from PIL import Image
 from safetensors.torch import save_file
 from test_server_lora import block_shapes
+from test_server_version import image_bytes
 
 pytestmark = pytest.mark.server
 
@@ -27,11 +27,6 @@ CALL = {
     "megapixels": "0.25",
     "output_format": "png",
 }
-
-
-def image_bytes(result: dict) -> bytes:
-    assert result["status"] == "succeeded", result.get("error")
-    return base64.b64decode(result["output"][0].partition(",")[2])
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,14 @@ import types
 import pytest
 import torch
 
+from flux.full_size import TRANSFORMER
 from toys.tiny import build_transformer
 from training import loop
 from training.buckets import Sample
 from training.config import build_training_config
 from training.memory import FLUX_WEIGHTS_GIB, activation_scale, needs_checkpointing, step_memory_gib
 
-FLUX1 = types.SimpleNamespace(
-    num_attention_heads=24, attention_head_dim=128, num_layers=19, num_single_layers=38
-)
+FLUX1 = types.SimpleNamespace(**TRANSFORMER)  # FLUX.1's architecture, as the memory plan counts it
 CONTEXT_GIB = 0.5  # the CUDA context and torch's own buffers
 
 
