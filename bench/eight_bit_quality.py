@@ -14,10 +14,7 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -44,7 +41,7 @@ def to_bf16_originals(transformer: torch.nn.Module) -> None:
             linear.weight.copy_(linear.weight.to(torch.bfloat16).float())
 
 
-def mini_images(variant: str, storage: str | None, prompts, weights: Path) -> list[np.ndarray]:
+def mini_images(variant: str, storage: str | None, prompts) -> list[np.ndarray]:
     from flux.loading import load_flux
     from flux.memory_plan import choose_plan
 
@@ -63,10 +60,10 @@ def mini_section(variants: list[str], count: int, weights: Path) -> dict:
     prompts = quality.prompts_of(quality.held_out_examples(count, weights))
     results = {}
     for variant in variants:
-        base = mini_images(variant, None, prompts, weights)
+        base = mini_images(variant, None, prompts)
         runs = {"bf16": _scores(base, base, prompts)}
         for storage in STORAGES:
-            runs[storage] = _scores(mini_images(variant, storage, prompts, weights), base, prompts)
+            runs[storage] = _scores(mini_images(variant, storage, prompts), base, prompts)
         for run in runs.values():
             run["accuracy_kept"] = (run["color"] + run["shape"]) / max(
                 runs["bf16"]["color"] + runs["bf16"]["shape"], 1e-9
@@ -155,20 +152,10 @@ def _relative(y: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING)
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--weights", type=Path, default=ROOT / "weights" / "flux-mini")
-    parser.add_argument("--prompts", type=int, default=40)
-    parser.add_argument("--variants", default="dev,schnell")
+    parser = quality.bench_arguments(__doc__)
     parser.add_argument("--skip-mini", action="store_true")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    os.environ["FLUX_WEIGHTS_DIR"] = str(args.weights.resolve())
-    os.environ.setdefault("FLUX_ALLOW_DOWNLOAD", "0")
+    quality.use_bench_arguments(args)
     results = {"block": block_section()}
     if not args.skip_mini:
         results["flux_mini"] = mini_section(args.variants.split(","), args.prompts, args.weights)

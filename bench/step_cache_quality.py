@@ -15,16 +15,12 @@ path (build_request -> generate), the held-out colour/shape prompts of the quali
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,21 +88,11 @@ def add_candidates(specs: list[str]) -> list[str]:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING)
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--weights", type=Path, default=ROOT / "weights" / "flux-mini")
-    parser.add_argument("--prompts", type=int, default=40)
-    parser.add_argument("--variants", default="dev,schnell")
+    parser = quality.bench_arguments(__doc__)
     parser.add_argument("--candidate", action="append", default=[])
     parser.add_argument("--only-candidates", action="store_true", help="skip the named levels")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    os.environ["FLUX_WEIGHTS_DIR"] = str(args.weights.resolve())
-    os.environ.setdefault("FLUX_ALLOW_DOWNLOAD", "0")
+    quality.use_bench_arguments(args)
     from flux.loading import load_flux
 
     named = [] if args.only_candidates else list(step_cache.LEVELS)

@@ -6,9 +6,11 @@ request accepts (256x256), and is judged by the deterministic scorer (toys.shape
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
+import os
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -215,3 +217,27 @@ def edit(
             **extra,
         ).images[0]
     return out if mask is None else keep_unmasked(image, mask, out)
+
+
+def bench_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments every flux-mini quality bench on held-out prompts takes; add its own, then parse
+    and pass the result to use_bench_arguments."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--weights", type=Path, default=DEFAULT_DIR)
+    parser.add_argument("--prompts", type=int, default=40)
+    parser.add_argument("--variants", default="dev,schnell")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    return parser
+
+
+def use_bench_arguments(args: argparse.Namespace) -> None:
+    """Warnings only, the thread count (one: comparable CPU times), flux-mini's weights, no download."""
+    import torch
+
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    os.environ["FLUX_WEIGHTS_DIR"] = str(args.weights.resolve())
+    os.environ.setdefault("FLUX_ALLOW_DOWNLOAD", "0")
